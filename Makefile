@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when missing and install the project.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch comes first and explicitly: on machines with a local wheel cache (and a pip cap) these exact releases
+# install from disk; elsewhere override, e.g. `make test TORCH="torch torchvision"`.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m tokenflow.demo --output demo_output
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/quantizer.py
+
+clean:
+	rm -rf $(VENV) demo_output

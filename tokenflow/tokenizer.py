@@ -1,0 +1,204 @@
+"""`Tokenizer`: the user-facing image tokenizer (preprocess, encode, decode, features, save and load).
+
+    tok = Tokenizer.from_preset("tiny")                       # or from_pretrained("s3://bucket/tokenizer")
+    pixels = tok.preprocess([Image.open("cat.jpg")])          # (B, 3, H, W) in [-1, 1]
+    ids = tok.encode(pixels)                                  # (B, T) scale-major, row-major; (B, T, M) for UniTok
+    images = tok.decode(ids)                                  # (B, 3, H, W) in [0, 1]; any prefix of whole scales
+    feats = tok.features(ids)                                 # (B, g*g, 40): what the understanding LLM reads
+
+A saved tokenizer is a directory (local or any fsspec URI such as s3://) holding `config.json` (the full
+`TokenizerConfig`) and `model.safetensors` (every weight; no pickle anywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import fsspec
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from tokenflow.config import TokenizerConfig, preset
+from tokenflow.encoders.semantic import SemanticTeacher
+from tokenflow.image import Preprocess, load_image, to_tensor
+from tokenflow.models import TokenFlowModel, TokenizerOutput, UniTokModel
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class Tokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig, *, pretrained: str | None = None):
+        """Build with random weights, except the semantic encoder when `pretrained` (an open_clip tag or a local
+        checkpoint path) is given. Use `from_preset` / `from_pretrained` rather than calling this directly."""
+        super().__init__()
+        self.config = config
+        model_cls = TokenFlowModel if config.kind == "tokenflow" else UniTokModel
+        self.model = model_cls(config, pretrained=pretrained)
+        pp = config.preprocess
+        self._preprocess = Preprocess(size=config.image_size, mode=pp.mode, resize_to=pp.resize_to)
+
+    # ---- construction ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, *, pretrained: str | None = None) -> Tokenizer:
+        """A preset (`tiny`, `clipb_224`, `clipb_256`, `siglip_384`, `unitok`, ...) with random weights, except
+        the semantic encoder when `pretrained` names an open_clip tag (downloads when online) or a local file."""
+        cfg = preset(name)
+        cfg.semantic_encoder.pretrained = pretrained
+        return cls(cfg, pretrained=pretrained)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Tokenizer:
+        """Load a directory written by `save_pretrained` (local path or fsspec URI). Fails, naming every
+        offending tensor, when the weights do not match the config exactly."""
+        path = os.fspath(path)
+        with fsspec.open(_join(path, CONFIG_NAME), "r") as fh:
+            data = json.load(fh)
+        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(f"{path} was written by a newer tokenflow (format {data['format_version']})")
+        config = TokenizerConfig.from_dict(data["config"])
+        with fsspec.open(_join(path, WEIGHTS_NAME), "rb") as fh:
+            state = load_safetensors(fh.read())
+        with torch.device("meta"):  # no random init and no download: every weight comes from the file
+            tok = cls(config, pretrained=None)
+        _check_state_dict(tok.state_dict(), state, source=_join(path, WEIGHTS_NAME))
+        tok.load_state_dict(state, strict=True, assign=True)
+        return tok.to(device).eval()
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write `config.json` and `model.safetensors` to a local directory or fsspec URI."""
+        path = os.fspath(path)
+        fs, root = fsspec.core.url_to_fs(path)
+        fs.makedirs(root, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        payload = {"format_version": FORMAT_VERSION, "config": self.config.to_dict()}
+        with fsspec.open(_join(path, WEIGHTS_NAME), "wb") as fh:
+            fh.write(save_safetensors(state, metadata={"format": "pt", "tokenflow_format": str(FORMAT_VERSION)}))
+        with fsspec.open(_join(path, CONFIG_NAME), "w") as fh:
+            json.dump(payload, fh, indent=2)
+
+    def make_teacher(self) -> SemanticTeacher:
+        """The frozen semantic teacher for training, from the pretrained weights named in the config (a random
+        copy of the current encoder when there are none)."""
+        if self.config.kind != "tokenflow":
+            raise ValueError("only TokenFlow tokenizers have a semantic teacher")
+        cfg = self.config.semantic_encoder
+        if cfg.pretrained is None:
+            return SemanticTeacher(cfg, encoder=_with_proj(self.model.semantic_encoder))
+        return SemanticTeacher(cfg, pretrained=cfg.pretrained)
+
+    # ---- properties ---------------------------------------------------------------------------------------------
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.config.quantizer.scales
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.quantizer.tokens_per_image
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.quantizer.codebook_size
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.config.quantizer.num_codebooks
+
+    @property
+    def code_dim(self) -> int:
+        return self.config.quantizer.code_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- the API ------------------------------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[Image.Image | bytes | str]) -> Tensor:
+        """PIL images (any mode, EXIF-rotated), encoded bytes or paths -> (B, 3, S, S) float32 in [-1, 1],
+        resized and cropped with this tokenizer's convention."""
+        return to_tensor([self._preprocess.apply(load_image(im)) for im in images])
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """(B, 3, S, S) in [-1, 1] -> indices (B, T) (shared mapping) or (B, T, M) (multi-codebook), all scales,
+        scale-major and row-major within a scale. Scale drop never applies here."""
+        self._check_pixels(pixels)
+        h = self.model.encode_latent(pixels.to(self.device))
+        return self.model.quantizer(h, drop_scales=False).indices
+
+    @torch.no_grad()
+    def decode(self, indices: Tensor) -> Tensor:
+        """Indices of any prefix of whole scales -> images (B, 3, S, S) in [0, 1]."""
+        f = self.model.quantizer.features(self._check_indices(indices))
+        return ((self.model.decode_pixels(f) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def features(self, indices: Tensor) -> Tensor:
+        """The continuous code features (B, g*g, code_dim): every scale's normalised codes bicubic-upsampled to
+        the final grid and summed, positions row-major. A pure function of the indices and the codebooks."""
+        f = self.model.quantizer.features(self._check_indices(indices))
+        return f.flatten(2).transpose(1, 2)
+
+    def forward(self, pixels: Tensor) -> TokenizerOutput:
+        """Training forward: reconstruction, decoded semantic features, quantizer output with losses."""
+        return self.model(pixels)
+
+    def _check_pixels(self, pixels: Tensor) -> None:
+        s = self.config.image_size
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (s, s):
+            raise ValueError(f"expected pixels of shape (B, 3, {s}, {s}), got {tuple(pixels.shape)}")
+
+    def _check_indices(self, indices: Tensor) -> Tensor:
+        want = 2 if self.num_codebooks == 1 else 3
+        if indices.ndim != want or (want == 3 and indices.shape[-1] != self.num_codebooks):
+            layout = "(B, T)" if want == 2 else f"(B, T, {self.num_codebooks})"
+            raise ValueError(f"expected indices of shape {layout}, got {tuple(indices.shape)}")
+        if indices.is_floating_point():
+            raise TypeError("indices must be an integer tensor")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
+            raise ValueError(f"indices out of range [0, {self.codebook_size})")
+        return indices.to(self.device, torch.long)
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def _with_proj(encoder):
+    """The encoder with its projection restored (random), for a teacher of a randomly initialised model."""
+    import copy
+
+    enc = copy.deepcopy(encoder)
+    visual = enc.visual
+    if not hasattr(visual, "trunk") and visual.proj is None:
+        cfg = enc.cfg
+        visual.proj = nn.Parameter(cfg.width**-0.5 * torch.randn(cfg.width, cfg.output_dim))
+    return enc
+
+
+def _check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], *, source: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(found))
+        if found[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append("shape mismatch: " + "; ".join(wrong))
+        if missing:
+            parts.append(f"missing: {missing}")
+        if unexpected:
+            parts.append(f"unexpected: {unexpected}")
+        raise ValueError(f"{source} does not match its config: " + " | ".join(parts))
