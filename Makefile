@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m tokenflow.demo --output demo_output
+	$(PY) jobs/tokenize_images.py --input samples/images --tokenizer tiny --output demo_output
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

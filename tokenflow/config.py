@@ -330,9 +330,7 @@ def unitok() -> TokenizerConfig:
         kind="unitok",
         image_size=256,
         preprocess=PreprocessConfig(mode="resize_crop", resize_to=288),
-        quantizer=QuantizerConfig(
-            kind="multi", codebook_size=4096, dims=(8,) * 8, scales=(16,), scale_drop_prob=0.0
-        ),
+        quantizer=QuantizerConfig(kind="multi", codebook_size=4096, dims=(8,) * 8, scales=(16,), scale_drop_prob=0.0),
         unitok=UniTokConfig(),
     )
 

@@ -56,15 +56,12 @@ def load_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for disallowed globals, RuntimeError for non-torch files
         raise ValueError(
-            f"could not load {str(path)!r} as a plain tensor state dict with "
-            f"torch.load(weights_only=True): {e}"
+            f"could not load {str(path)!r} as a plain tensor state dict with torch.load(weights_only=True): {e}"
         ) from e
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
-        raise ValueError(
-            f"{str(path)!r} does not hold a flat dict of str -> Tensor (got {type(obj).__name__})"
-        )
+        raise ValueError(f"{str(path)!r} does not hold a flat dict of str -> Tensor (got {type(obj).__name__})")
     return dict(obj)
 
 
@@ -278,9 +275,7 @@ _G_LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def adaptive_gan_weight(
-    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor
-) -> torch.Tensor:
+def adaptive_gan_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
     """VQGAN adaptive weight ||d nll / d last_layer|| / (||d g_loss / d last_layer|| + 1e-4).
 
     Scales the GAN loss so its gradient at the decoder's last layer has the size of the reconstruction
@@ -366,11 +361,7 @@ class TokenizerLoss(nn.Module):
     def __init__(self, cfg: LossConfig | None = None, discriminator: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg if cfg is not None else LossConfig()
-        self.lpips = (
-            LPIPS(self.cfg.lpips_vgg_path, self.cfg.lpips_lin_path)
-            if self.cfg.perceptual_weight > 0
-            else None
-        )
+        self.lpips = LPIPS(self.cfg.lpips_vgg_path, self.cfg.lpips_lin_path) if self.cfg.perceptual_weight > 0 else None
         self.discriminator = discriminator if discriminator is not None else PatchGANDiscriminator()
         self._d_loss = _D_LOSSES[self.cfg.gan_loss]
         self._g_loss = _G_LOSSES[self.cfg.gan_loss]
@@ -450,9 +441,7 @@ class TokenizerLoss(nn.Module):
                 total = total + cfg.codebook_weight * terms["vq"]
             if cfg.entropy_weight > 0:
                 if "entropy" not in quant_losses:
-                    raise KeyError(
-                        f"entropy_weight > 0 but quant_losses has no 'entropy' (has {sorted(quant_losses)})"
-                    )
+                    raise KeyError(f"entropy_weight > 0 but quant_losses has no 'entropy' (has {sorted(quant_losses)})")
                 terms["entropy"] = quant_losses["entropy"]
                 total = total + cfg.entropy_weight * terms["entropy"]
 
@@ -478,9 +467,7 @@ class TokenizerLoss(nn.Module):
         logits_real = self.discriminator(x.detach())  # [B, 1, h, w]
         logits_fake = self.discriminator(x_hat.detach())  # [B, 1, h, w]
         d_loss = weight * self._d_loss(logits_real, logits_fake)
-        log = _to_floats(
-            {"d_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
-        )
+        log = _to_floats({"d_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()})
         log["gan_weight"] = weight
         return d_loss, log
 
@@ -488,8 +475,6 @@ class TokenizerLoss(nn.Module):
 def _to_floats(terms: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """0-d tensors (and floats) -> floats with one device sync (one .tolist()) instead of one per term."""
     tensors = {k: v for k, v in terms.items() if isinstance(v, torch.Tensor)}
-    values = (
-        torch.stack([t.detach().float().reshape(()) for t in tensors.values()]).tolist() if tensors else []
-    )
+    values = torch.stack([t.detach().float().reshape(()) for t in tensors.values()]).tolist() if tensors else []
     floats = dict(zip(tensors, values, strict=True))
     return {k: floats[k] if k in floats else float(v) for k, v in terms.items()}

@@ -258,9 +258,7 @@ class MultiScaleQuantizer(nn.Module):
                 break
         if total != t:
             valid = [sum(s * s for s in self.scales[: i + 1]) for i in range(len(self.scales))]
-            raise ValueError(
-                f"{t} tokens is not a prefix of whole scales {self.scales}; valid lengths are {valid}"
-            )
+            raise ValueError(f"{t} tokens is not a prefix of whole scales {self.scales}; valid lengths are {valid}")
         return list(indices.split([s * s for s in self.scales[: len(bounds)]], dim=1))
 
     def features(self, indices: Tensor) -> Tensor:

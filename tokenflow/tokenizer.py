@@ -55,16 +55,23 @@ class Tokenizer(nn.Module):
         return cls(cfg, pretrained=pretrained)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Tokenizer:
-        """Load a directory written by `save_pretrained` (local path or fsspec URI). Fails, naming every
-        offending tensor, when the weights do not match the config exactly."""
-        path = os.fspath(path)
-        with fsspec.open(_join(path, CONFIG_NAME), "r") as fh:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        storage_options: dict | None = None,
+    ) -> Tokenizer:
+        """Load a directory written by `save_pretrained` (local path or fsspec URI; `storage_options` go to the
+        filesystem, e.g. {"endpoint_url": ...} for an S3-compatible store). Fails, naming every offending
+        tensor, when the weights do not match the config exactly."""
+        path, opts = os.fspath(path), storage_options or {}
+        with fsspec.open(_join(path, CONFIG_NAME), "r", **opts) as fh:
             data = json.load(fh)
         if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise ValueError(f"{path} was written by a newer tokenflow (format {data['format_version']})")
         config = TokenizerConfig.from_dict(data["config"])
-        with fsspec.open(_join(path, WEIGHTS_NAME), "rb") as fh:
+        with fsspec.open(_join(path, WEIGHTS_NAME), "rb", **opts) as fh:
             state = load_safetensors(fh.read())
         with torch.device("meta"):  # no random init and no download: every weight comes from the file
             tok = cls(config, pretrained=None)
@@ -72,16 +79,17 @@ class Tokenizer(nn.Module):
         tok.load_state_dict(state, strict=True, assign=True)
         return tok.to(device).eval()
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, *, storage_options: dict | None = None) -> None:
         """Write `config.json` and `model.safetensors` to a local directory or fsspec URI."""
-        path = os.fspath(path)
-        fs, root = fsspec.core.url_to_fs(path)
+        path, opts = os.fspath(path), storage_options or {}
+        fs, root = fsspec.core.url_to_fs(path, **opts)
         fs.makedirs(root, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         payload = {"format_version": FORMAT_VERSION, "config": self.config.to_dict()}
-        with fsspec.open(_join(path, WEIGHTS_NAME), "wb") as fh:
+        # weights first, config last: a directory with a config.json is complete
+        with fs.open(_join(root, WEIGHTS_NAME), "wb") as fh:
             fh.write(save_safetensors(state, metadata={"format": "pt", "tokenflow_format": str(FORMAT_VERSION)}))
-        with fsspec.open(_join(path, CONFIG_NAME), "w") as fh:
+        with fs.open(_join(root, CONFIG_NAME), "w") as fh:
             json.dump(payload, fh, indent=2)
 
     def make_teacher(self) -> SemanticTeacher:

@@ -195,9 +195,7 @@ I16_VALUES = [0, 257, 1000, 32896, 65535]
 I16_EXPECTED = [0, 1, 4, 128, 255]  # x / 257 rounded; 1000 / 257 = 3.89
 
 
-@pytest.mark.parametrize(
-    "mode,dtype", [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2"), ("I;16N", "=u2")]
-)
+@pytest.mark.parametrize("mode,dtype", [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2"), ("I;16N", "=u2")])
 def test_mode_i16_scales_full_range(mode, dtype):
     raw = np.array([I16_VALUES], dtype=dtype)
     img = Image.frombytes(mode, (len(I16_VALUES), 1), raw.tobytes())
@@ -236,9 +234,7 @@ def test_mode_f_byte_range_is_clipped():
 # load_image
 
 
-@pytest.mark.parametrize(
-    "orientation,transpose", [(3, Image.ROTATE_180), (6, Image.ROTATE_270), (8, Image.ROTATE_90)]
-)
+@pytest.mark.parametrize("orientation,transpose", [(3, Image.ROTATE_180), (6, Image.ROTATE_270), (8, Image.ROTATE_90)])
 def test_exif_orientation(orientation, transpose):
     original = photo()
     exif = original.getexif()

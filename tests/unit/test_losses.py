@@ -156,14 +156,9 @@ def _random_state(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
     """A random VGG16 state dict (with classifier keys, as torchvision saves it) and random lin heads."""
     g = torch.Generator().manual_seed(seed)
     ref = LPIPS()
-    vgg = {
-        f"features.{k}": torch.randn(v.shape, generator=g) * 0.05
-        for k, v in ref.features.state_dict().items()
-    }
+    vgg = {f"features.{k}": torch.randn(v.shape, generator=g) * 0.05 for k, v in ref.features.state_dict().items()}
     vgg["classifier.0.weight"] = torch.randn(4, 3, generator=g)  # ignored on load
-    lin = {
-        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(LPIPS.CHANNELS)
-    }
+    lin = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(LPIPS.CHANNELS)}
     return vgg, lin
 
 
@@ -398,12 +393,7 @@ def test_generator_loss_total_is_weighted_sum_and_skips() -> None:
     assert log["vq"] == pytest.approx(0.25)
     assert log["entropy"] == pytest.approx(-1.5)
     expected = (
-        log["rec"]
-        + 0.7 * log["perceptual"]
-        + 0.25 * log["g_adv"]
-        + 0.3 * log["semantic"]
-        + 2.0 * 0.25
-        + 0.1 * -1.5
+        log["rec"] + 0.7 * log["perceptual"] + 0.25 * log["g_adv"] + 0.3 * log["semantic"] + 2.0 * 0.25 + 0.1 * -1.5
     )
     assert total.item() == pytest.approx(expected, rel=1e-5)
     assert log["total"] == pytest.approx(total.item())
@@ -415,9 +405,7 @@ def test_generator_loss_total_is_weighted_sum_and_skips() -> None:
 
 
 def test_generator_loss_zero_weights_skip_computation() -> None:
-    loss_fn = _small_loss(
-        perceptual_weight=0.0, gan_weight=0.0, disc_start=0, semantic_weight=0.0, codebook_weight=0.0
-    )
+    loss_fn = _small_loss(perceptual_weight=0.0, gan_weight=0.0, disc_start=0, semantic_weight=0.0, codebook_weight=0.0)
     assert loss_fn.lpips is None  # no VGG built at all
     calls = _CountCalls(loss_fn.discriminator)
     x, x_hat = _images(15), _images(16)
@@ -437,9 +425,7 @@ def test_generator_loss_missing_quant_keys_raise() -> None:
     with pytest.raises(KeyError, match="commitment"):
         loss_fn.generator_loss(x, x, 0, quant_losses={"codebook": torch.tensor(0.0)})
     with pytest.raises(KeyError, match="entropy"):
-        loss_fn.generator_loss(
-            x, x, 0, quant_losses={"codebook": torch.tensor(0.0), "commitment": torch.tensor(0.0)}
-        )
+        loss_fn.generator_loss(x, x, 0, quant_losses={"codebook": torch.tensor(0.0), "commitment": torch.tensor(0.0)})
 
 
 def test_adaptive_gan_weight_matches_hand_computation() -> None:

@@ -102,14 +102,20 @@ class PixelEncoder(nn.Module):
         widths = [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult]
         self.conv_blocks = nn.ModuleList(
             _Level(
-                widths[i], widths[i + 1], cfg.num_res_blocks, attn=i == levels - 1, groups=g,
-                dropout=cfg.dropout, resample=Downsample if i != levels - 1 else None,
+                widths[i],
+                widths[i + 1],
+                cfg.num_res_blocks,
+                attn=i == levels - 1,
+                groups=g,
+                dropout=cfg.dropout,
+                resample=Downsample if i != levels - 1 else None,
             )
             for i in range(levels)
         )
         top = widths[-1]
-        self.mid = nn.ModuleList([ResnetBlock(top, top, g, cfg.dropout), AttnBlock(top, g),
-                                  ResnetBlock(top, top, g, cfg.dropout)])
+        self.mid = nn.ModuleList(
+            [ResnetBlock(top, top, g, cfg.dropout), AttnBlock(top, g), ResnetBlock(top, top, g, cfg.dropout)]
+        )
         self.norm_out = _norm(top, g)
         self.conv_out = nn.Conv2d(top, cfg.z_channels, 3, padding=1)
 
@@ -132,13 +138,23 @@ class PixelDecoder(nn.Module):
         g, levels = cfg.norm_groups, len(cfg.ch_mult)
         top = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, top, 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(top, top, g, cfg.dropout), AttnBlock(top, g),
-                                  ResnetBlock(top, top, g, cfg.dropout)])
+        self.mid = nn.ModuleList(
+            [ResnetBlock(top, top, g, cfg.dropout), AttnBlock(top, g), ResnetBlock(top, top, g, cfg.dropout)]
+        )
         blocks, cin = [], top
         for i in reversed(range(levels)):  # deepest level first
             cout = cfg.ch * cfg.ch_mult[i]
-            blocks.append(_Level(cin, cout, cfg.num_res_blocks + 1, attn=i == levels - 1, groups=g,
-                                 dropout=cfg.dropout, resample=Upsample if i != 0 else None))
+            blocks.append(
+                _Level(
+                    cin,
+                    cout,
+                    cfg.num_res_blocks + 1,
+                    attn=i == levels - 1,
+                    groups=g,
+                    dropout=cfg.dropout,
+                    resample=Upsample if i != 0 else None,
+                )
+            )
             cin = cout
         self.conv_blocks = nn.ModuleList(blocks)
         self.norm_out = _norm(cin, g)

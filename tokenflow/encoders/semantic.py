@@ -43,8 +43,14 @@ def build_tower(cfg: SemanticEncoderConfig, pretrained: str | None) -> nn.Module
     if cfg.arch == "custom":
         act = open_clip.transformer.QuickGELU if cfg.quick_gelu else nn.GELU
         tower = open_clip.transformer.VisionTransformer(
-            image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
-            heads=cfg.heads, mlp_ratio=4.0, output_dim=cfg.output_dim, act_layer=act,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            width=cfg.width,
+            layers=cfg.layers,
+            heads=cfg.heads,
+            mlp_ratio=4.0,
+            output_dim=cfg.output_dim,
+            act_layer=act,
         )
         if pretrained is not None:
             tower.load_state_dict(_load_tensors(pretrained), strict=True)
@@ -138,8 +144,13 @@ class SemanticTeacher(nn.Module):
     clipb: final tokens after ln_post times the CLIP projection (512-d) on CLIP-normalised input.
     """
 
-    def __init__(self, cfg: SemanticEncoderConfig, *, pretrained: str | None = None,
-                 encoder: SemanticEncoder | None = None):
+    def __init__(
+        self,
+        cfg: SemanticEncoderConfig,
+        *,
+        pretrained: str | None = None,
+        encoder: SemanticEncoder | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         if encoder is not None:  # copy an untrained encoder (tests, random init) instead of building twice

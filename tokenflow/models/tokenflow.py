@@ -1,9 +1,9 @@
 """TokenFlow: a semantic ViT branch and a pixel CNN branch quantized over one index space (ref 1.1).
 
-    x in [-1, 1] -> semantic encoder -> encode task MLP -> 32-d g x g ┐
-                 -> pixel encoder -> quant_conv -> 8-d g x g          ┴ concat 40-d -> multi-scale quantizer -> f
-    f[:32] -> semantic decoder -> decode task MLP -> semantic features (regressed onto the frozen teacher)
-    f[32:] -> post_quant_conv -> pixel decoder -> reconstruction
+x in [-1, 1] -> semantic encoder -> encode task MLP -> 32-d g x g ┐
+             -> pixel encoder -> quant_conv -> 8-d g x g          ┴ concat 40-d -> multi-scale quantizer -> f
+f[:32] -> semantic decoder -> decode task MLP -> semantic features (regressed onto the frozen teacher)
+f[32:] -> post_quant_conv -> pixel decoder -> reconstruction
 """
 
 from __future__ import annotations
@@ -80,4 +80,3 @@ class TokenFlowModel(nn.Module):
         quant = self.quantizer(self.encode_latent(x))
         image, semantic = self.decode_latent(quant.quantized)
         return TokenizerOutput(image, semantic, quant)
-

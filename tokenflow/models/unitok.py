@@ -25,8 +25,10 @@ class UniTokModel(nn.Module):
     def __init__(self, cfg: TokenizerConfig, *, pretrained: str | None = None):
         super().__init__()
         if pretrained is not None:
-            raise ValueError("the unitok preset has no separate pretrained encoder; load a converted tokenizer "
-                             "directory with Tokenizer.from_pretrained instead")
+            raise ValueError(
+                "the unitok preset has no separate pretrained encoder; load a converted tokenizer "
+                "directory with Tokenizer.from_pretrained instead"
+            )
         self.cfg = cfg
         u, code_dim = cfg.unitok, cfg.quantizer.code_dim
         self.patch_embed = nn.Conv2d(3, u.width, u.patch_size, stride=u.patch_size)
