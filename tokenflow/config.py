@@ -163,8 +163,9 @@ class QuantizerConfig:
     """w in argmin(d_sem + w * d_pix); 1.0 in every released model (paper Table 11)."""
     beta: float = 0.25
     """Commitment weight."""
-    entropy_weight: float = 0.0
-    """Weight of the entropy loss; 0 (off) in the official recipes, and then it is not computed at all."""
+    entropy_loss: bool = False
+    """Compute the entropy loss (materialises N x K scores, so off unless used). Its weight is the loss
+    config's `entropy_weight` (0 in the official recipes)."""
     entropy_temperature: float = 0.01
     scales: tuple[int, ...] = (1, 2, 4, 6, 8, 10, 12, 14)
     """Side of each scale's token map, coarse to fine; the last is the final grid."""

@@ -73,7 +73,7 @@ class QuantizerOutput:
     indices: Tensor
     """(B, h*w) for a shared-mapping quantizer, (B, h*w, M) for a multi-codebook one; row-major positions."""
     losses: dict[str, Tensor]
-    """codebook, commitment (beta included) and, when its weight is > 0, entropy."""
+    """codebook, commitment (beta included) and, when `entropy_loss` is on, entropy (unweighted)."""
     part_distances: Tensor
     """(P,) mean squared distance of each normalised code part to its chosen code (the sem/pix balance)."""
 
@@ -141,8 +141,8 @@ class CosineQuantizer(nn.Module):
                 "codebook": F.mse_loss(q, z_hat.detach()),
                 "commitment": self.cfg.beta * F.mse_loss(q.detach(), z_hat),
             }
-            if self.cfg.entropy_weight > 0:
-                losses["entropy"] = self.cfg.entropy_weight * self._entropy_loss(parts, books)
+            if self.cfg.entropy_loss:
+                losses["entropy"] = self._entropy_loss(parts, books)
             with torch.no_grad():
                 err = (q - z_hat).pow(2).split(self.dims, dim=-1)
                 part_distances = torch.stack([e.sum(-1).mean() for e in err])
@@ -153,7 +153,7 @@ class CosineQuantizer(nn.Module):
 
     def _entropy_loss(self, parts: list[Tensor], books: list[Tensor]) -> Tensor:
         """Mean per-sample entropy minus entropy of the batch-mean assignment, softmax(-d / T) (ref 1.6).
-        Materialises N x K, which is why it runs only with a positive weight."""
+        Materialises N x K, which is why it runs only when enabled."""
         t = self.cfg.entropy_temperature
 
         def one(logits: Tensor) -> Tensor:

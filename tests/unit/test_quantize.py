@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,14 +98,14 @@ def test_straight_through_forward_value_losses_and_gradients():
     mse = ((codes.reshape(-1, 40) - z_hat) ** 2).mean()
     assert torch.allclose(out.losses["codebook"], mse, atol=1e-6)
     assert torch.allclose(out.losses["commitment"], 0.25 * mse, atol=1e-6)
-    assert "entropy" not in out.losses  # weight 0: not computed at all
+    assert "entropy" not in out.losses  # off by default: not computed at all
     (out.quantized.sum() + out.losses["codebook"] + out.losses["commitment"]).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(cb.weight.grad.abs().sum() > 0 for cb in q.codebooks)
 
 
 def test_entropy_loss_when_enabled():
-    q = CosineQuantizer(QuantizerConfig(codebook_size=16, scales=(2,), entropy_weight=0.5))
+    q = CosineQuantizer(QuantizerConfig(codebook_size=16, scales=(2,), entropy_loss=True))
     out = q(torch.randn(3, 40, 2, 2))
     assert out.losses["entropy"].ndim == 0 and torch.isfinite(out.losses["entropy"])
 
@@ -171,3 +173,17 @@ def test_quantizer_runs_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a = q(h.bfloat16()).indices
     assert torch.equal(a, q(h.bfloat16().float()).indices)
+
+
+def test_entropy_loss_exact_value_on_confident_distinct_assignments():
+    # two orthogonal codes, each position sitting exactly on one: per-sample entropy ~0, the batch-mean
+    # assignment is uniform over 2 codes, so the loss is 0 - log(2)
+    q = CosineQuantizer(QuantizerConfig(codebook_size=2, scales=(1,), entropy_loss=True))
+    e = torch.zeros(2, 40)
+    e[0, 0], e[0, 32], e[1, 1], e[1, 33] = 1, 1, 1, 1
+    with torch.no_grad():
+        q.codebooks[0].weight.copy_(e[:, :32])
+        q.codebooks[1].weight.copy_(e[:, 32:])
+    out = q(e.view(2, 40, 1, 1))
+    assert out.indices.flatten().tolist() == [0, 1]
+    assert out.losses["entropy"].item() == pytest.approx(-math.log(2), abs=1e-6)
