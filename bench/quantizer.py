@@ -8,7 +8,7 @@ N x K encoding (used for the usage statistics) and the codes looked up through i
 `CosineQuantizer.lookup` + `embed`: one blocked inner-product search on the concatenated normalised vectors.
 Both return the chosen indices and the normalised codes; the script checks the indices are identical.
 
-Throughput is the median of several calls. Peak memory is measured in a fresh subprocess per case: the
+Throughput is the median of interleaved calls. Peak memory is measured in a fresh subprocess per case: the
 process's peak RSS (VmHWM, reset just before) during the call minus its RSS just before (inputs and
 codebooks already allocated).
 """
@@ -100,21 +100,25 @@ def peak_memory(impl: str, n: int) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra"]
 
 
-def throughput(impl: str, q, z, repeats: int) -> float:
-    run(impl, q, z)
-    times = []
+def throughput(q, z, repeats: int) -> dict[str, float]:
+    """Tokens/s of each implementation: median over `repeats` calls, the two interleaved so that both see the
+    same machine conditions (timings on shared VMs drift by tens of percent)."""
+    times: dict[str, list[float]] = {"ours": [], "straightforward": []}
+    for impl in times:
+        run(impl, q, z)  # warm-up
     for _ in range(repeats):
-        t = time.perf_counter()
-        run(impl, q, z)
-        times.append(time.perf_counter() - t)
-    return z.shape[0] / statistics.median(times)
+        for impl, ts in times.items():
+            t = time.perf_counter()
+            run(impl, q, z)
+            ts.append(time.perf_counter() - t)
+    return {impl: z.shape[0] / statistics.median(ts) for impl, ts in times.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", choices=["ours", "straightforward"])
     p.add_argument("--n", type=int)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=11)
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args.n)
@@ -131,7 +135,8 @@ def main() -> None:
         n = maps * side * side
         q, z = make_case(n)
         same = torch.equal(run("ours", q, z)[0], run("straightforward", q, z)[0])
-        t_s, t_o = throughput("straightforward", q, z, args.repeats), throughput("ours", q, z, args.repeats)
+        tps = throughput(q, z, args.repeats)
+        t_s, t_o = tps["straightforward"], tps["ours"]
         m_s, m_o = peak_memory("straightforward", n), peak_memory("ours", n)
         print(
             f"{label:<22}{t_s:>24,.0f}{t_o:>14,.0f}{t_o / t_s:>9.1f}x"

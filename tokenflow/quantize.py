@@ -28,26 +28,46 @@ from tokenflow.config import QuantizerConfig
 
 
 @torch.no_grad()
-def nearest_codes(query: Tensor, keys: Tensor, block: int = 1 << 22) -> Tensor:
+def nearest_codes(query: Tensor, keys: Tensor, block: int = 1 << 21) -> Tensor:
     """Index of the largest inner product: argmax_k <query[n], keys[k]> for every row n.
 
     query: (N, D), keys: (K, D). Scores are computed for block // K rows at a time into one reused buffer, so
     extra memory is about `block` floats whatever N is, and no N x K matrix or one-hot is ever built. Ties go
     to the lowest index, as torch.argmin does in the explicit formula.
     """
-    n = query.shape[0]
+    n, k = query.shape[0], keys.shape[0]
     out = torch.empty(n, dtype=torch.long, device=query.device)
     if n == 0:
         return out
     keys_t = keys.t().contiguous()  # (D, K): one transpose, reused by every block
-    rows = max(1, min(block // keys.shape[0], n))
-    buf = torch.empty(rows, keys.shape[0], dtype=query.dtype, device=query.device)
+    rows = max(1, min(block // k, n))
+    buf = torch.empty(rows, k, dtype=query.dtype, device=query.device)
+    group = _argmax_group(k) if query.device.type == "cpu" else 0
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         scores = buf[: stop - start]
         torch.mm(query[start:stop], keys_t, out=scores)  # (rows, K)
-        torch.argmax(scores, dim=1, out=out[start:stop])
+        out[start:stop] = _row_argmax(scores, group)
     return out
+
+
+def _argmax_group(k: int) -> int:
+    """A group width dividing K for the two-level argmax, or 0 for plain argmax."""
+    return next((g for g in (256, 128, 64, 32, 16) if k % g == 0 and k // g >= 2), 0)
+
+
+def _row_argmax(scores: Tensor, group: int) -> Tensor:
+    """argmax over dim 1 with torch.argmax's tie rule (first maximum). On CPU torch.argmax is ~20x slower
+    than the vectorised amax, so with `group` > 0: the max of each group of `group` columns, the first group
+    holding the row max, then the first maximum inside that group. The first group reaching the max contains
+    the first column reaching it, so the result is identical to torch.argmax."""
+    if not group:
+        return scores.argmax(dim=1)
+    r, k = scores.shape
+    grouped = scores.view(r, k // group, group)
+    best_group = grouped.amax(dim=2).argmax(dim=1)  # (rows,)
+    inside = grouped[torch.arange(r, device=scores.device), best_group].argmax(dim=1)  # (rows,)
+    return best_group * group + inside
 
 
 def explicit_shared_mapping(

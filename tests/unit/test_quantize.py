@@ -187,3 +187,13 @@ def test_entropy_loss_exact_value_on_confident_distinct_assignments():
     out = q(e.view(2, 40, 1, 1))
     assert out.indices.flatten().tolist() == [0, 1]
     assert out.losses["entropy"].item() == pytest.approx(-math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [4096, 96, 1000, 7])
+def test_two_level_argmax_keeps_the_first_maximum(k):
+    from tokenflow.quantize import _argmax_group, _row_argmax
+
+    scores = torch.randint(0, 5, (50, k)).float()  # many exact ties
+    scores[3] = 0.0  # a row that is all ties
+    group = _argmax_group(k)
+    assert torch.equal(_row_argmax(scores, group), scores.argmax(dim=1))
