@@ -316,7 +316,8 @@ class LossConfig:
     codebook_weight: float = 1.0
     """Weight of the quantizer's codebook + commitment losses (commitment already includes beta)."""
     entropy_weight: float = 0.0
-    """Weight of the quantizer's codebook entropy loss; 0 (default) skips it."""
+    """Weight of the quantizer's codebook entropy loss; 0 (default) skips it. A positive weight needs the
+    quantizer to compute the term (`QuantizerConfig.entropy_loss = True`)."""
     lpips_vgg_path: str | None = None
     """torchvision VGG16 weights for LPIPS (.safetensors or torch file); None = random (tests only)."""
     lpips_lin_path: str | None = None

@@ -99,12 +99,16 @@ def test_save_load_round_trip_is_bit_identical(tiny, pixels, tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+def _save_with_quantizer_setting(tok, path, key, value):
+    """Save `tok`, then edit one quantizer field of its config.json."""
+    tok.save_pretrained(path)
+    data = json.loads((path / "config.json").read_text())
+    data["config"]["quantizer"][key] = value
+    (path / "config.json").write_text(json.dumps(data))
+
+
 def test_loading_wrong_shapes_names_the_tensor(tiny, tmp_path):
-    tiny.save_pretrained(tmp_path / "tok")
-    cfg_path = tmp_path / "tok" / "config.json"
-    data = json.loads(cfg_path.read_text())
-    data["config"]["quantizer"]["codebook_size"] = 512
-    cfg_path.write_text(json.dumps(data))
+    _save_with_quantizer_setting(tiny, tmp_path / "tok", "codebook_size", 512)
     with pytest.raises(
         ValueError,
         match=r"model\.quantizer\.quantizer\.codebooks\.0\.weight: file \(1024, 32\) "
@@ -124,11 +128,7 @@ def test_loading_missing_tensors_lists_them(tiny, tmp_path):
 
 
 def test_unknown_config_key_is_an_error(tiny, tmp_path):
-    tiny.save_pretrained(tmp_path / "tok")
-    cfg_path = tmp_path / "tok" / "config.json"
-    data = json.loads(cfg_path.read_text())
-    data["config"]["quantizer"]["codebok_size"] = 1
-    cfg_path.write_text(json.dumps(data))
+    _save_with_quantizer_setting(tiny, tmp_path / "tok", "codebok_size", 1)
     with pytest.raises(ValueError, match=r"quantizer: unknown key\(s\) \['codebok_size'\]"):
         Tokenizer.from_pretrained(tmp_path / "tok")
 
