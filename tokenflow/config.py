@@ -218,6 +218,8 @@ class PreprocessConfig:
 
     mode: Literal["center_crop", "pad", "resize_crop"] = "center_crop"
     resize_to: int | None = None
+    draft: bool = False
+    """Reduced-size JPEG decoding (faster, slightly different pixels); off for parity with published models."""
 
 
 @dataclass(kw_only=True)

@@ -85,10 +85,9 @@ def load_image(
         img = source
     elif isinstance(source, (str, os.PathLike)):
         # Read the whole file so no handle stays open on the returned (lazily decoded) image.
-        with open(source, "rb") as f:
-            img = _open_bytes(f.read())
+        img = open_image(source)
     else:
-        img = _open_bytes(source)
+        img = open_image(source)
     try:
         _check_size(img.size, max_pixels)
         if draft_size is not None and img.format == "JPEG":
@@ -106,15 +105,33 @@ def load_image(
         raise _decode_error(e) from e
 
 
-def _open_bytes(data: bytes) -> Image.Image:
-    # Image.open only parses the header; pixels are decoded by load(). Pillow runs its global bomb check
-    # here, which we map to too_large like our own.
+def open_image(source: bytes | str | os.PathLike) -> Image.Image:
+    """Open (parse the header of) encoded bytes or a file, without decoding pixels; ImageError if unusable.
+
+    Image.open only parses the header; pixels are decoded by load(). Pillow runs its global bomb check
+    here, which we map to too_large like our own. A path is read into memory first so no file handle stays
+    open on the returned lazily decoded image."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            source = f.read()
+    data = source
     try:
         return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("too_large", str(e)) from e
     except _DECODE_ERRORS as e:
         raise _decode_error(e) from e
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed, from the header alone: swapped when the EXIF orientation turns the
+    image by 90 degrees (orientations 5-8)."""
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block is not a broken image; exif_transpose will ignore it too
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _decode_error(e: Exception) -> ImageError:
@@ -218,6 +235,10 @@ class Preprocess:
     """Short side before the center crop in mode resize_crop (None: size); e.g. UniTok uses 288 for 256."""
     pad_fill: tuple[int, int, int] = (127, 127, 127)
     """RGB colour of the padding in mode pad."""
+    draft: bool = False
+    """Let libjpeg decode JPEGs at a reduced scale (1/2, 1/4, 1/8) that keeps both sides >= the resize
+    target. Much faster on large photos, but the pixels differ slightly from a full decode, so it is off for
+    token parity with published checkpoints; the pipeline and `Tokenizer.preprocess` honour the same flag."""
 
     def __post_init__(self):
         if self.size < 1:
@@ -226,6 +247,16 @@ class Preprocess:
             raise ValueError(f"Preprocess.mode must be one of {get_args(PreprocessMode)}, got {self.mode!r}")
         if self.resize_to is not None and self.resize_to < self.size:
             raise ValueError(f"Preprocess.resize_to ({self.resize_to}) must be >= size ({self.size})")
+
+    def load(
+        self, source: bytes | str | os.PathLike | Image.Image, *, max_pixels: int = MAX_PIXELS_DEFAULT
+    ) -> tuple[Image.Image, tuple[int, int]]:
+        """The one decode path: decode `source` (see `load_image`) and apply this convention. Returns the
+        size x size RGB image and the original (width, height) as displayed (EXIF orientation applied)."""
+        img = source if isinstance(source, Image.Image) else open_image(source)
+        original = oriented_size(img)
+        draft = (self.resize_to or self.size) if self.draft else None
+        return self.apply(load_image(img, max_pixels=max_pixels, draft_size=draft)), original
 
     def apply(self, img: Image.Image) -> Image.Image:
         """Return `img` as an RGB size x size image, following this convention."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tokenflow.config import TokenizerConfig, preset
 from tokenflow.encoders.semantic import SemanticTeacher
-from tokenflow.image import Preprocess, load_image, to_tensor
+from tokenflow.image import Preprocess, to_tensor
 from tokenflow.models import TokenFlowModel, TokenizerOutput, UniTokModel
 
 CONFIG_NAME = "config.json"
@@ -42,7 +42,8 @@ class Tokenizer(nn.Module):
         model_cls = TokenFlowModel if config.kind == "tokenflow" else UniTokModel
         self.model = model_cls(config, pretrained=pretrained)
         pp = config.preprocess
-        self._preprocess = Preprocess(size=config.image_size, mode=pp.mode, resize_to=pp.resize_to)
+        self.preprocessor = Preprocess(size=config.image_size, mode=pp.mode, resize_to=pp.resize_to, draft=pp.draft)
+        """The decode + resize + crop convention; the pretokenize pipeline uses this same object."""
 
     # ---- construction ------------------------------------------------------------------------------------------
 
@@ -133,7 +134,7 @@ class Tokenizer(nn.Module):
     def preprocess(self, images: Sequence[Image.Image | bytes | str]) -> Tensor:
         """PIL images (any mode, EXIF-rotated), encoded bytes or paths -> (B, 3, S, S) float32 in [-1, 1],
         resized and cropped with this tokenizer's convention."""
-        return to_tensor([self._preprocess.apply(load_image(im)) for im in images])
+        return to_tensor([self.preprocessor.load(im)[0] for im in images])
 
     @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
