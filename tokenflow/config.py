@@ -52,6 +52,40 @@ def from_dict(cls: type, data: dict[str, Any], *, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Any:
+    """Build config `cls` from `base` (a dict), then a YAML file, then dotted `key.sub=value` overrides (values
+    parsed as YAML, so `filters.min_side=128`, `input=[a.tar, b.tar]`, `dedup=false` work). Later wins."""
+    import yaml
+
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        data = _merge(data, loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = dotted.strip().split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {name} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(cls, data)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):

@@ -12,6 +12,7 @@ A saved tokenizer is a directory (local or any fsspec URI such as s3://) holding
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -92,6 +93,16 @@ class Tokenizer(nn.Module):
             fh.write(save_safetensors(state, metadata={"format": "pt", "tokenflow_format": str(FORMAT_VERSION)}))
         with fs.open(_join(root, CONFIG_NAME), "w") as fh:
             json.dump(payload, fh, indent=2)
+
+    def fingerprint(self) -> str:
+        """A short id of this exact tokenizer: sha256 over its config and every weight (names, dtypes, shapes,
+        bytes). Token shards record it so consumers can check they decode with the tokenizer that made them."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()[:16]
 
     def make_teacher(self) -> SemanticTeacher:
         """The frozen semantic teacher for training, from the pretrained weights named in the config (a random

@@ -220,3 +220,14 @@ def test_full_presets_build_and_run_on_meta(name):
         image, semantic = tok.model.decode_latent(h)
         assert image.shape == x.shape
         assert semantic.shape == (1, cfg.grid**2, cfg.semantic_encoder.teacher_dim)
+
+
+def test_fingerprint_identifies_config_and_weights(tiny, tmp_path):
+    fp = tiny.fingerprint()
+    assert len(fp) == 16 and fp == tiny.fingerprint()
+    tiny.save_pretrained(tmp_path / "tok")
+    assert Tokenizer.from_pretrained(tmp_path / "tok").fingerprint() == fp
+    other = Tokenizer.from_pretrained(tmp_path / "tok")
+    with torch.no_grad():
+        other.model.quant_conv.bias[0] += 1e-6
+    assert other.fingerprint() != fp

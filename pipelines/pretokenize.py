@@ -1,0 +1,270 @@
+"""The pretokenize pipeline: corpus shards -> filter -> tokenize -> token shards, on Ray Data.
+
+    read (tasks, one input shard per call, streamed in batches)     pipelines.sources.read_shard
+      -> decode, validate, filter, resize + crop (CPU tasks)         pipelines.filters.filter_sample
+      -> tokenize (actor pool: one actor per GPU, or CPU actors)     pipelines.tokenize.TokenizeStage
+      -> driver: deduplicate, write and commit per input shard      pipelines.writer.ShardWriter
+
+Every input shard ends with an end-of-shard row carrying its sample count, so the writer knows when a shard is
+complete whatever order Ray delivers rows in. Committed shards are skipped on the next run (resume).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from pipelines.filters import FilterConfig, filter_sample
+from pipelines.sources import Shard, expand_inputs, read_shard
+from pipelines.tokenize import TokenizeStage, load_tokenizer, token_dtype
+from pipelines.writer import ShardWriter
+from tokenflow import __version__ as tokenflow_version
+from tokenflow.config import to_dict
+from tokenflow.image import Preprocess
+
+log = logging.getLogger("pretokenize")
+
+
+@dataclass(kw_only=True)
+class PretokenizeConfig:
+    """Everything the pretokenize job does; YAML keys and `--set key=value` overrides use these names."""
+
+    input: list[str] = field(default_factory=list)
+    """Input shards: files, directories, globs, brace ranges ({00000..01023}.tar); local paths or s3:// URIs."""
+    output: str = ""
+    """Output root (local path or s3:// URI): shards/, rejects/, _progress/, manifest.json."""
+    tokenizer: str = ""
+    """A saved tokenizer directory (path or URI), or preset:NAME (random weights; smoke tests only)."""
+    format: str | None = None
+    """webdataset, parquet or folder; None detects it from the inputs."""
+    image_column: str | None = None
+    """Parquet: the image column (default: detect jpg, image, image_bytes, ...)."""
+    caption_column: str | None = None
+    """Parquet: the caption column (default: detect caption, TEXT, text, ...)."""
+    s3_endpoint: str | None = None
+    """Endpoint URL of an S3-compatible store (MinIO, Ceph, ...); credentials come from the AWS environment."""
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: bool = True
+    """Drop exact duplicates (same image bytes) across the whole job; the first committed sample is kept."""
+    read_batch_rows: int = 256
+    """Rows per batch yielded by a shard reader (bounds the memory of a read task)."""
+    filter_batch_size: int = 32
+    """Rows per decode/filter task call."""
+    batch_size: int = 64
+    """Images per tokenizer forward."""
+    tokenizer_actors: int | None = None
+    """Size of the tokenize actor pool; default one per GPU in the cluster, else a quarter of the CPUs (>= 1)."""
+    device: str = "auto"
+    """auto (CUDA when the actor has a GPU), cpu or cuda."""
+    progress_every_s: float = 30.0
+    """Seconds between one-line progress summaries."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input, str):
+            self.input = [self.input]
+        if self.batch_size < 1 or self.filter_batch_size < 1 or self.read_batch_rows < 1:
+            raise ValueError("batch sizes must be >= 1")
+
+    @property
+    def storage_options(self) -> dict:
+        return {"endpoint_url": self.s3_endpoint} if self.s3_endpoint else {}
+
+
+# ---- Ray Data stage functions (module level so Ray can pickle them by reference) -----------------------------
+# Stages exchange pyarrow tables with explicit schemas: inferred from Python objects, a column that happens to be
+# all null in one block (say `reason` in a shard without rejects) becomes Arrow's null type, which Ray turns
+# into float NaN in numpy batches, and NaN is truthy.
+
+READ_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("image", pa.binary()),
+        ("caption", pa.binary()),
+        ("meta", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("shard_id", pa.string()),
+        ("end_of_shard", pa.int64()),  # -1 for samples; the shard's sample count on its last row
+    ]
+)
+FILTERED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("meta", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("shard_id", pa.string()),
+        ("end_of_shard", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image_sha256", pa.string()),
+        ("pixels", pa.binary()),  # uint8 S x S x 3 in the tokenizer's convention; null for rejects
+    ]
+)
+
+
+def read_batch(batch: pa.Table, *, cfg: PretokenizeConfig):
+    """One input shard per call -> tables of reader rows, then the shard's end-of-shard row."""
+    for item in batch.to_pylist():
+        shard = Shard(path=item["path"], shard_id=item["shard_id"], format=item["format"])
+        rows, n = [], 0
+        for row in read_shard(
+            shard, image_column=cfg.image_column, caption_column=cfg.caption_column, storage_options=cfg.storage_options
+        ):
+            rows.append({**row, "shard_id": shard.shard_id, "end_of_shard": -1})
+            n += 1
+            if len(rows) >= cfg.read_batch_rows:
+                yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+                rows = []
+        end = {"key": f"{shard.shard_id}#end", "source": shard.path, "shard_id": shard.shard_id, "end_of_shard": n}
+        yield pa.Table.from_pylist([*rows, end], schema=READ_SCHEMA)
+
+
+def filter_batch(batch: pa.Table, *, filters: FilterConfig, preprocess: Preprocess) -> pa.Table:
+    """Decode, validate and filter; the image bytes are replaced by the preprocessed pixels."""
+    out = []
+    for row in batch.to_pylist():
+        if row["end_of_shard"] < 0:
+            row = filter_sample(row, filters, preprocess)
+            row["pixels"] = None if row["pixels"] is None else row["pixels"].tobytes()
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=FILTERED_SCHEMA)
+
+
+# ---- the driver ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: PretokenizeConfig) -> dict:
+    """Run (or resume) the job; returns the manifest. Starts a local Ray unless one is running or RAY_ADDRESS
+    points at a cluster."""
+    import ray
+
+    if not cfg.input or not cfg.output or not cfg.tokenizer:
+        raise ValueError("input, output and tokenizer are required")
+    t0 = time.time()
+    opts = cfg.storage_options
+    shards = expand_inputs(cfg.input, format=cfg.format, storage_options=opts)
+    tok = load_tokenizer(cfg.tokenizer, storage_options=opts)
+    dtype = token_dtype(tok.codebook_size)
+    tokenizer_id = tok.fingerprint()
+    file_metadata = {
+        "tokenizer_id": tokenizer_id,
+        "tokenizer": cfg.tokenizer,
+        "scales": json.dumps(list(tok.scales)),
+        "codebook_size": str(tok.codebook_size),
+        "num_codebooks": str(tok.num_codebooks),
+        "token_layout": "scale-major, row-major within a scale" + (", then codebook" if tok.num_codebooks > 1 else ""),
+        "preprocess": json.dumps(to_dict(tok.preprocessor)),
+        "filters": json.dumps(to_dict(cfg.filters)),
+        "tokenflow_version": tokenflow_version,
+    }
+    writer = ShardWriter(
+        cfg.output, file_metadata=file_metadata, token_dtype=dtype, dedup=cfg.dedup, storage_options=opts
+    )
+    markers = writer.committed()
+    pending = [s for s in shards if s.shard_id not in markers]
+    extra = {
+        "tokenizer_id": tokenizer_id,
+        "tokenizer": cfg.tokenizer,
+        "scales": list(tok.scales),
+        "codebook_size": tok.codebook_size,
+        "inputs": {"shards": len(shards)},
+        "config": to_dict(cfg),
+        "tokenflow_version": tokenflow_version,
+    }
+    extra["config"]["s3_endpoint"] = cfg.s3_endpoint  # an endpoint is not a secret; credentials never get here
+    if not pending:
+        log.warning("nothing to do: all %d input shards are already committed in %s", len(shards), cfg.output)
+        return writer.write_manifest({**extra, "wall_time_s": 0.0, "samples_per_s": None, "nothing_to_do": True})
+    log.info("%d of %d shards to process (%d already committed)", len(pending), len(shards), len(markers))
+    writer.load_seen_hashes(markers)
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    ds = _build_dataset(cfg, pending, tok.preprocessor)
+    progress = _Progress(cfg.progress_every_s)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        progress.update(batch)
+        writer.add(batch)
+    if writer.unfinished():
+        raise RuntimeError(f"shards incomplete at the end of the stream: {writer.unfinished()}")
+    wall = time.time() - t0
+    manifest = writer.write_manifest(
+        {**extra, "wall_time_s": round(wall, 3), "samples_per_s": round(progress.samples / wall, 2) if wall else None}
+    )
+    progress.log_line(final=True)
+    return manifest
+
+
+def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Preprocess):
+    import ray
+
+    items = [{"path": s.path, "shard_id": s.shard_id, "format": s.format} for s in pending]
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = cfg.tokenizer_actors or (gpus if gpus else max(1, cpus // 4))
+    use_gpu = gpus > 0 and cfg.device != "cpu"
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
+    ds = ds.map_batches(
+        filter_batch,
+        batch_size=cfg.filter_batch_size,
+        batch_format="pyarrow",
+        fn_kwargs={"filters": cfg.filters, "preprocess": preprocess},
+    )
+    return ds.map_batches(
+        TokenizeStage,
+        fn_constructor_kwargs={
+            "tokenizer": cfg.tokenizer,
+            "device": cfg.device,
+            "storage_options": cfg.storage_options,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+    )
+
+
+class _Progress:
+    """A periodic one-line summary: samples/s, kept %, top reject reasons."""
+
+    def __init__(self, every_s: float):
+        self.every_s, self.t0, self.last = every_s, time.time(), time.time()
+        self.samples, self.kept, self.reasons = 0, 0, Counter()
+
+    def update(self, batch: pa.Table) -> None:
+        for end, reason in zip(batch["end_of_shard"].to_pylist(), batch["reason"].to_pylist()):
+            if end >= 0:
+                continue
+            self.samples += 1
+            if reason:
+                self.reasons[reason] += 1
+            else:
+                self.kept += 1
+        if time.time() - self.last >= self.every_s:
+            self.log_line()
+
+    def log_line(self, final: bool = False) -> None:
+        self.last = time.time()
+        rate = self.samples / max(self.last - self.t0, 1e-9)
+        top = ", ".join(f"{r} {n}" for r, n in self.reasons.most_common(3)) or "none"
+        kept = 100.0 * self.kept / self.samples if self.samples else 0.0
+        log.info(
+            "%s%d samples, %.1f/s, kept %.1f%% (before dedup), top rejects: %s",
+            "done: " if final else "",
+            self.samples,
+            rate,
+            kept,
+            top,
+        )

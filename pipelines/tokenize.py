@@ -1,0 +1,69 @@
+"""The tokenize stage: a callable class for a Ray Data actor pool, holding one `tokenflow.Tokenizer`.
+
+Reads the `pixels` column (uint8 S x S x 3 bytes, null for rejected rows) and writes `tokens` (the flattened
+scale-major indices as bytes of `token_dtype`, null for rejected rows); drops `pixels`. On a GPU the model runs
+in bf16 except the quantizer, which always runs in fp32 (a bf16 argmin flips tokens).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from tokenflow import Tokenizer
+from tokenflow.config import PRESETS
+
+
+def load_tokenizer(spec: str, *, storage_options: dict | None = None) -> Tokenizer:
+    """`preset:NAME` (random weights, for smoke tests) or a saved tokenizer directory (path or URI)."""
+    if spec.startswith("preset:"):
+        name = spec.split(":", 1)[1]
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} in --tokenizer {spec}; known: {sorted(PRESETS)}")
+        warnings.warn(
+            f"--tokenizer {spec}: RANDOMLY INITIALISED weights (seed 0). The tokens are meaningless; use a trained "
+            "tokenizer directory for real data.",
+            stacklevel=2,
+        )
+        torch.manual_seed(0)
+        return Tokenizer.from_preset(name).eval()
+    return Tokenizer.from_pretrained(spec, storage_options=storage_options).eval()
+
+
+def token_dtype(codebook_size: int) -> np.dtype:
+    """uint16 when every index fits (K <= 65,536), else int32."""
+    return np.dtype(np.uint16) if codebook_size <= 65_536 else np.dtype(np.int32)
+
+
+class TokenizeStage:
+    """Ray Data actor: pixels -> tokens for a batch (dict of numpy arrays)."""
+
+    def __init__(self, tokenizer: str, *, device: str = "auto", storage_options: dict | None = None):
+        self.device = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
+        self.tok = load_tokenizer(tokenizer, storage_options=storage_options).to(self.device)
+        if self.device.type == "cuda":
+            self.tok.model.to(torch.bfloat16)
+            self.tok.model.quantizer.float()  # codebooks stay fp32; the quantizer casts its input to fp32 too
+        self.size = self.tok.config.image_size
+        self.dtype = token_dtype(self.tok.codebook_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pixels = batch["pixels"].to_pylist()
+        tokens: list[bytes | None] = [None] * len(pixels)
+        keep = [i for i, p in enumerate(pixels) if p is not None]
+        if keep:
+            arr = np.stack([np.frombuffer(pixels[i], dtype=np.uint8) for i in keep])
+            x = torch.from_numpy(arr.reshape(len(keep), self.size, self.size, 3)).to(self.device)
+            x = x.permute(0, 3, 1, 2).float().div(255.0).mul(2.0).sub(1.0)  # same arithmetic as image.to_tensor
+            if self.device.type == "cuda":
+                x = x.to(torch.bfloat16)
+            ids = self.tok.encode(x).reshape(len(keep), -1).cpu().numpy().astype(self.dtype)
+            for j, i in enumerate(keep):
+                tokens[i] = ids[j].tobytes()
+        batch = batch.drop_columns(["pixels"])
+        return batch.append_column("tokens", pa.array(tokens, pa.binary()))
