@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) jobs/tokenize_images.py --input samples/images --tokenizer tiny --output demo_output
+	$(PY) jobs/pretokenize.py --input samples/images --output demo_output --tokenizer preset:tiny
+	@echo "token shards: demo_output/shards/, rejects: demo_output/rejects/, summary: demo_output/manifest.json"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

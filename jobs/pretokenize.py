@@ -11,9 +11,14 @@ layout, reject reasons and file metadata are documented in the README ("Token sh
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as `python jobs/x.py` (also under `ray job submit --working-dir .`): make the repository importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import logging
-import sys
 from dataclasses import replace
 
 from pipelines.pretokenize import PretokenizeConfig, run

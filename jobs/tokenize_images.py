@@ -12,9 +12,14 @@ job lands this is `make demo`.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as `python jobs/x.py` (also under `ray job submit --working-dir .`): make the repository importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
