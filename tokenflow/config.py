@@ -52,8 +52,9 @@ def from_dict(cls: type, data: dict[str, Any], *, path: str = "") -> Any:
     return cls(**kwargs)
 
 
-def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> Any:
+def load_config(
+    cls: type, path: str | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> Any:
     """Build config `cls` from `base` (a dict), then a YAML file, then dotted `key.sub=value` overrides (values
     parsed as YAML, so `filters.min_side=128`, `input=[a.tar, b.tar]`, `dedup=false` work). Later wins."""
     import yaml
