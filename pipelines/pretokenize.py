@@ -171,6 +171,12 @@ def run(cfg: PretokenizeConfig) -> dict:
         cfg.output, file_metadata=file_metadata, token_dtype=dtype, dedup=cfg.dedup, storage_options=opts
     )
     markers = writer.committed()
+    other = sorted({m.get("tokenizer_id") for m in markers.values()} - {tokenizer_id})
+    if other:
+        raise ValueError(
+            f"{cfg.output} already holds shards made with tokenizer {other}, this run's is {tokenizer_id}: "
+            "resume with the same tokenizer, or write to a new output"
+        )
     pending = [s for s in shards if s.shard_id not in markers]
     extra = {
         "tokenizer_id": tokenizer_id,

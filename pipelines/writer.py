@@ -66,7 +66,6 @@ class ShardWriter:
         self.row_group_size = row_group_size
         self.pending: dict[str, _Pending] = defaultdict(_Pending)
         self.seen: dict[str, str] = {}  # image_sha256 -> key of the kept sample
-        self.committed_now: list[str] = []
 
     # ---- resume -------------------------------------------------------------------------------------------------
 
@@ -141,12 +140,12 @@ class ShardWriter:
             "kept": len(kept),
             "rejected": len(rejects),
             "reasons": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+            "tokenizer_id": self.file_metadata.get("tokenizer_id"),
             "shards_file": shards_file,
             "rejects_file": rejects_file,
             "committed_at": time.time(),
         }
         self._write_bytes(f"_progress/{stem}.json", json.dumps(marker, indent=1).encode())
-        self.committed_now.append(shard_id)
 
     def _kept_table(self, rows: list[dict]) -> pa.Table:
         cols = {

@@ -140,3 +140,13 @@ def test_pretokenize_accounting_reasons_tokens_and_resume(ray_local, corpus, tmp
     assert kept2.keys() == kept.keys() and rejects2.keys() == rejects.keys()
     assert rejects2["00001.tar/g"]["reason"] == "duplicate"  # the duplicate index was rebuilt from 00000.tar
     assert kept2["00001.tar/i"]["tokens"] == kept["00001.tar/i"]["tokens"]
+
+
+def test_resuming_with_another_tokenizer_is_refused(ray_local, corpus, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "out"
+    run(
+        PretokenizeConfig(input=[str(root / "00000.tar")], output=str(out), tokenizer="preset:tiny", tokenizer_actors=1)
+    )
+    with pytest.raises(ValueError, match="already holds shards made with tokenizer"):
+        run(PretokenizeConfig(input=[str(root)], output=str(out), tokenizer="preset:tiny_unitok", tokenizer_actors=1))
