@@ -187,10 +187,10 @@ def run(cfg: PretokenizeConfig) -> dict:
         "config": to_dict(cfg),
         "tokenflow_version": tokenflow_version,
     }
-    extra["config"]["s3_endpoint"] = cfg.s3_endpoint  # an endpoint is not a secret; credentials never get here
     if not pending:
         log.warning("nothing to do: all %d input shards are already committed in %s", len(shards), cfg.output)
-        return writer.write_manifest({**extra, "wall_time_s": 0.0, "samples_per_s": None, "nothing_to_do": True})
+        manifest = writer.read_manifest()  # a run killed after its last commit has not written one yet
+        return manifest if manifest is not None else writer.write_manifest({**extra, "wall_time_s": None})
     log.info("%d of %d shards to process (%d already committed)", len(pending), len(shards), len(markers))
     writer.load_seen_hashes(markers)
 

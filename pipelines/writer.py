@@ -188,6 +188,13 @@ class ShardWriter:
 
     # ---- manifest -----------------------------------------------------------------------------------------------
 
+    def read_manifest(self) -> dict | None:
+        path = f"{self.root}/manifest.json"
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as fh:
+            return json.load(fh)
+
     def write_manifest(self, extra: dict) -> dict:
         """Aggregate every committed shard's marker into OUTPUT/manifest.json and return it."""
         markers = self.committed()
