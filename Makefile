@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) jobs/pretokenize.py --input samples/images --output demo_output --tokenizer preset:tiny
-	@echo "token shards: demo_output/shards/, rejects: demo_output/rejects/, summary: demo_output/manifest.json"
+	$(PY) jobs/pretokenize.py --input samples/images --output demo_output --tokenizer preset:tiny \
+		--mlflow-uri sqlite:///demo_output/mlflow.db
+	@echo "token shards: demo_output/shards/  rejects: demo_output/rejects/  summary: demo_output/manifest.json"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///demo_output/mlflow.db"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,6 +22,7 @@ import logging
 from dataclasses import replace
 
 from pipelines.pretokenize import PretokenizeConfig, run
+from pipelines.tracking import log_pretokenize_run
 from tokenflow.config import load_config
 
 
@@ -36,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="images per tokenizer forward")
     p.add_argument("--tokenizer-actors", type=int, help="size of the tokenize actor pool")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--mlflow-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="log the run to this MLflow tracking URI (default: $MLFLOW_TRACKING_URI; unset: no logging)",
+    )
+    p.add_argument("--mlflow-experiment", default="pretokenize", help="MLflow experiment name")
     p.add_argument(
         "--set",
         action="append",
@@ -66,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if manifest.get("nothing_to_do"):
+        print(f"nothing to do: every input shard is already committed in {cfg.output}")
+    elif args.mlflow_uri:
+        run_id = log_pretokenize_run(manifest, tracking_uri=args.mlflow_uri, experiment=args.mlflow_experiment)
+        print(f"mlflow: run {run_id} in experiment {args.mlflow_experiment!r} at {args.mlflow_uri}")
     c = manifest["counts"]
     print(
         f"{c['kept']} kept, {c['rejected']} rejected of {c['samples']} samples in {manifest['shards_done']} shards;"

@@ -190,7 +190,9 @@ def run(cfg: PretokenizeConfig) -> dict:
     if not pending:
         log.warning("nothing to do: all %d input shards are already committed in %s", len(shards), cfg.output)
         manifest = writer.read_manifest()  # a run killed after its last commit has not written one yet
-        return manifest if manifest is not None else writer.write_manifest({**extra, "wall_time_s": None})
+        if manifest is None:
+            manifest = writer.write_manifest({**extra, "wall_time_s": None})
+        return {**manifest, "nothing_to_do": True}  # the flag is for the caller; the file is left as it was
     log.info("%d of %d shards to process (%d already committed)", len(pending), len(shards), len(markers))
     writer.load_seen_hashes(markers)
 
