@@ -2,6 +2,7 @@
 
     read (tasks, one input shard per call, streamed in batches)     pipelines.sources.read_shard
       -> decode, validate, filter, resize + crop (CPU tasks)         pipelines.filters.filter_sample
+      -> optional CLIP score (actor pool)                            pipelines.clip_score.ClipScoreStage
       -> tokenize (actor pool: one actor per GPU, or CPU actors)     pipelines.tokenize.TokenizeStage
       -> driver: deduplicate, write and commit per input shard      pipelines.writer.ShardWriter
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from pipelines.clip_score import ClipScoreConfig, ClipScoreStage
 from pipelines.filters import FilterConfig, filter_sample
 from pipelines.sources import Shard, expand_inputs, read_shard
 from pipelines.tokenize import TokenizeStage, load_tokenizer, token_dtype
@@ -50,6 +52,8 @@ class PretokenizeConfig:
     s3_endpoint: str | None = None
     """Endpoint URL of an S3-compatible store (MinIO, Ceph, ...); credentials come from the AWS environment."""
     filters: FilterConfig = field(default_factory=FilterConfig)
+    clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
+    """Optional CLIP-score filter (off by default)."""
     dedup: bool = True
     """Drop exact duplicates (same image bytes) across the whole job; the first committed sample is kept."""
     read_batch_rows: int = 256
@@ -107,6 +111,7 @@ FILTERED_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("image_sha256", pa.string()),
+        ("clip_score", pa.float32()),  # set by the optional CLIP-score stage
         ("pixels", pa.binary()),  # uint8 S x S x 3 in the tokenizer's convention; null for rejects
     ]
 )
@@ -229,6 +234,16 @@ def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Pre
         batch_format="pyarrow",
         fn_kwargs={"filters": cfg.filters, "preprocess": preprocess},
     )
+    if cfg.clip.enabled:
+        ds = ds.map_batches(
+            ClipScoreStage,
+            fn_constructor_kwargs={"cfg": cfg.clip, "image_size": preprocess.size, "device": cfg.device},
+            compute=ray.data.ActorPoolStrategy(size=cfg.clip.actors or actors),
+            batch_size=cfg.clip.batch_size,
+            batch_format="pyarrow",
+            num_gpus=0.25 if use_gpu else 0,  # a CLIP forward is small next to the tokenizer's: share the GPU
+            num_cpus=1,
+        )
     return ds.map_batches(
         TokenizeStage,
         fn_constructor_kwargs={

@@ -155,7 +155,7 @@ class ShardWriter:
             "width": pa.array([r["width"] for r in rows], pa.int32()),
             "height": pa.array([r["height"] for r in rows], pa.int32()),
             "image_sha256": pa.array([r["image_sha256"] for r in rows], pa.string()),
-            "clip_score": pa.array([None] * len(rows), pa.float32()),
+            "clip_score": pa.array([r.get("clip_score") for r in rows], pa.float32()),
             "source": pa.array([r["source"] for r in rows], pa.string()),
         }
         metas = [json.loads(r["meta"] or "{}") for r in rows]
