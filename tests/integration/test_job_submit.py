@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def ray_head(tmp_path_factory):
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("ray CLI not installed")
     port, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     # Token authentication is on by default for local clusters; the job CLI only sends the token (from
     # ~/.ray/auth_token, written by `ray start`) when RAY_AUTH_MODE=token is set on the client side too.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
@@ -52,35 +54,53 @@ def ray_head(tmp_path_factory):
     )
     address = f"http://127.0.0.1:{dash}"
     try:
+        _wait_for_job_api(address, env)
         yield address, env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp_dir)
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop only this cluster's processes (`ray stop` would also stop any other Ray on the machine)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_api(address: str, env: dict, timeout_s: float = 120) -> None:
+    """`ray start` returns before the dashboard agent accepts jobs ("No available agent to submit job")."""
+    deadline = time.time() + timeout_s
+    while True:
+        probe = subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True, timeout=60
+        )
+        if probe.returncode == 0 and "No available agent" not in probe.stdout + probe.stderr:
+            return
+        if time.time() > deadline:
+            pytest.fail(f"the job API at {address} did not come up: {probe.stderr[-2000:]}")
+        time.sleep(1)
 
 
 def test_ray_job_submit_pretokenize(ray_head, tmp_path):
     address, env = ray_head
     out = tmp_path / "out"
-    cmd = [
-        str(BIN / "ray"),
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--working-dir",
-        str(REPO),
-        "--submission-id",
-        f"pretokenize-test-{int(time.time())}",
-        "--",
-        sys.executable,
-        "jobs/pretokenize.py",
-        "--input",
-        str(REPO / "samples" / "images"),
-        "--output",
-        str(out),
-        "--tokenizer",
-        "preset:tiny",
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    for attempt in range(5):  # the agent may still be starting even after the job API answers
+        cmd = [
+            str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+            "--submission-id", f"pretokenize-test-{int(time.time())}-{attempt}", "--",
+            sys.executable, "jobs/pretokenize.py", "--input", str(REPO / "samples" / "images"),
+            "--output", str(out), "--tokenizer", "preset:tiny",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(5)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
     manifest = json.loads((out / "manifest.json").read_text())
