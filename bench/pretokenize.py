@@ -134,7 +134,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     print(
         f"# {date.today()}  {platform.machine()} {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

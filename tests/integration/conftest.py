@@ -11,6 +11,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh local Ray for one test module. address="local" never joins a cluster already running on the
+    machine; more logical CPUs than cores so read/filter tasks find a slot next to the actors."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """An S3-compatible server (moto in server mode, as s3fs's own tests use) with one bucket."""

@@ -93,14 +93,6 @@ def test_scores_are_cosines_and_threshold_rejects(clip_cfg):
     assert out[0]["detail"].endswith(f"< {threshold}")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_pipeline_records_scores_and_rejects_below_threshold(ray_local, clip_cfg, tmp_path):
     out = tmp_path / "out"
     cfg = PretokenizeConfig(

@@ -25,7 +25,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A head node started like a platform team would; token authentication stays at its default (on)."""
+    """A head node started like a platform team would; token authentication stays at its default (on).
+
+    Needs a machine without another Ray cluster: with one running, Ray 2.60's job agent of this second head
+    never registers ("No available agent to submit job") even with every port chosen free."""
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("ray CLI not installed")
     port, dash = _free_port(), _free_port()

@@ -14,15 +14,6 @@ from pipelines.pretokenize import PretokenizeConfig, run
 from pipelines.tokenize import load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    # more logical CPUs than cores: read/filter tasks must find a slot next to the tokenize actor
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _jpeg(arr, size=None) -> bytes:
     img = Image.fromarray(arr).convert("RGB")
     if size:

@@ -1,16 +1,6 @@
 """jobs/pretokenize.py logs its run to a real MLflow tracking server."""
 
-import pytest
-
 from jobs.pretokenize import main
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_job_logs_params_metrics_and_manifest(ray_local, mlflow_server, tmp_path, capsys):

@@ -14,12 +14,9 @@ from pipelines.pretokenize import PretokenizeConfig, run
 
 
 @pytest.fixture(scope="module")
-def ray_with_s3_env(s3_endpoint):
-    """Ray started after the S3 fixture set the AWS environment, so its workers inherit the credentials."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield s3_endpoint
-    ray.shutdown()
+def ray_with_s3_env(s3_endpoint, ray_local):
+    """Ray started after the S3 fixture set the AWS environment (fixture order), so workers get the credentials."""
+    return s3_endpoint
 
 
 def _jpeg(arr) -> bytes:
