@@ -16,6 +16,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from pipelines.tokenize import pixels_to_tensor, resolve_device
+
 
 @dataclass(kw_only=True)
 class ClipScoreConfig:
@@ -45,9 +47,7 @@ class ClipScoreStage:
         if cfg.model_config:
             open_clip.add_model_config(cfg.model_config)
         self.cfg, self.image_size = cfg, image_size
-        self.device = torch.device(
-            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        )
+        self.device = resolve_device(device)
         self.model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained, device=self.device).eval()
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         visual = self.model.visual
@@ -62,9 +62,7 @@ class ClipScoreStage:
     @torch.no_grad()
     def scores(self, pixels: list[bytes], captions: list[str]) -> np.ndarray:
         """Cosine similarity of each (image, caption) pair."""
-        arr = np.stack([np.frombuffer(p, dtype=np.uint8) for p in pixels])
-        x = torch.from_numpy(arr.reshape(len(pixels), self.image_size, self.image_size, 3)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float().div(255.0)
+        x = pixels_to_tensor(pixels, self.image_size, self.device)
         if self.image_size != self.clip_size:
             size = (self.clip_size, self.clip_size)
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)

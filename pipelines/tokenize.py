@@ -38,13 +38,24 @@ def token_dtype(codebook_size: int) -> np.dtype:
     return np.dtype(np.uint16) if codebook_size <= 65_536 else np.dtype(np.int32)
 
 
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> CUDA when this actor was given a GPU, else CPU; anything else as named."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pixels_to_tensor(pixels: list[bytes], size: int, device: torch.device) -> torch.Tensor:
+    """Stage-column pixels (uint8 size x size x 3 bytes each) -> float32 (B, 3, size, size) in [0, 1]."""
+    arr = np.stack([np.frombuffer(p, dtype=np.uint8) for p in pixels]).reshape(len(pixels), size, size, 3)
+    return torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).float().div(255.0)
+
+
 class TokenizeStage:
     """Ray Data actor: pixels -> tokens for a batch (dict of numpy arrays)."""
 
     def __init__(self, tokenizer: str, *, device: str = "auto", storage_options: dict | None = None):
-        self.device = torch.device(
-            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        )
+        self.device = resolve_device(device)
         self.tok = load_tokenizer(tokenizer, storage_options=storage_options).to(self.device)
         if self.device.type == "cuda":
             self.tok.model.to(torch.bfloat16)
@@ -57,9 +68,8 @@ class TokenizeStage:
         tokens: list[bytes | None] = [None] * len(pixels)
         keep = [i for i, p in enumerate(pixels) if p is not None]
         if keep:
-            arr = np.stack([np.frombuffer(pixels[i], dtype=np.uint8) for i in keep])
-            x = torch.from_numpy(arr.reshape(len(keep), self.size, self.size, 3)).to(self.device)
-            x = x.permute(0, 3, 1, 2).float().div(255.0).mul(2.0).sub(1.0)  # same arithmetic as image.to_tensor
+            x = pixels_to_tensor([pixels[i] for i in keep], self.size, self.device)
+            x = x.mul(2.0).sub(1.0)  # the same arithmetic as tokenflow.image.to_tensor
             if self.device.type == "cuda":
                 x = x.to(torch.bfloat16)
             ids = self.tok.encode(x).reshape(len(keep), -1).cpu().numpy().astype(self.dtype)
