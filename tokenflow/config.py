@@ -52,20 +52,17 @@ def from_dict(cls: type, data: dict[str, Any], *, path: str = "") -> Any:
     return cls(**kwargs)
 
 
-def load_config(
-    cls: type, path: str | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
-) -> Any:
-    """Build config `cls` from `base` (a dict), then a YAML file, then dotted `key.sub=value` overrides (values
-    parsed as YAML, so `filters.min_side=128`, `input=[a.tar, b.tar]`, `dedup=false` work). Later wins."""
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
+    """Build config `cls` from a YAML file (optional), then dotted `key.sub=value` overrides (values parsed as
+    YAML, so `filters.min_side=128`, `input=[a.tar, b.tar]`, `dedup=false` work). Later wins."""
     import yaml
 
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = {}
     if path is not None:
         with open(path) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-        data = _merge(data, loaded)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
@@ -78,13 +75,6 @@ def load_config(
                 raise ValueError(f"override {item!r}: {name} is not a section")
         node[leaf] = yaml.safe_load(raw)
     return from_dict(cls, data)
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:

@@ -1,0 +1,29 @@
+import pytest
+
+from pipelines.pretokenize import PretokenizeConfig
+from tokenflow.config import TokenizerConfig, load_config, preset
+
+
+def test_yaml_then_dotted_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("batch_size: 16\nfilters:\n  min_side: 128\n  metadata_max: {punsafe: 0.5}\n")
+    cfg = load_config(PretokenizeConfig, str(path), ["filters.min_side=256", "input=[a.tar, b.tar]", "dedup=false"])
+    assert cfg.batch_size == 16 and cfg.filters.min_side == 256 and cfg.filters.metadata_max == {"punsafe": 0.5}
+    assert cfg.input == ["a.tar", "b.tar"] and cfg.dedup is False
+    assert cfg.filters.max_aspect_ratio == 3.0  # untouched defaults stay
+
+
+def test_typos_and_malformed_overrides_are_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"filters: unknown key\(s\) \['min_sid'\]"):
+        load_config(PretokenizeConfig, None, ["filters.min_sid=3"])
+    with pytest.raises(ValueError, match="must look like key.sub=value"):
+        load_config(PretokenizeConfig, None, ["batch_size"])
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        load_config(PretokenizeConfig, str(tmp_path / "list.yaml"))
+
+
+def test_tokenizer_config_round_trips_through_a_dict():
+    for name in ("tiny", "clipb_256", "siglip_384", "unitok"):
+        cfg = preset(name)
+        assert TokenizerConfig.from_dict(cfg.to_dict()) == cfg
