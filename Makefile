@@ -33,6 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/quantizer.py
+	$(PY) bench/dedup.py
 
 clean:
 	rm -rf $(VENV) demo_output

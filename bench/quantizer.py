@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from datetime import date
 
 import torch
 import torch.nn.functional as F
+from procmem import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 from tokenflow.config import QuantizerConfig
 from tokenflow.quantize import CosineQuantizer
@@ -61,22 +61,6 @@ def run(impl: str, q: CosineQuantizer, z: torch.Tensor):
             idx = q.lookup(z)
             return idx, q.embed(idx)
         return straightforward(z, q.codebooks[0].weight, q.codebooks[1].weight)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    """VmHWM: this process's peak RSS since the last reset (ru_maxrss would carry the parent's peak)."""
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def worker(impl: str, n: int) -> None:

@@ -41,7 +41,7 @@ REJECT_REASONS = (
     "too_small",  # shorter side below min_side
     "aspect_ratio",  # long side / short side above max_aspect_ratio
     "clip_score",  # below the CLIP-score threshold (optional stage)
-    "duplicate",  # same image bytes as an earlier kept sample (kept: the smallest key)
+    "duplicate",  # same image bytes as a kept sample (kept: the first committed; within a shard the smallest key)
 )
 
 _IMAGE_REASONS = {

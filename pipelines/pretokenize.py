@@ -4,10 +4,12 @@
       -> decode, validate, filter, resize + crop (CPU tasks)         pipelines.filters.filter_sample
       -> optional CLIP score (actor pool)                            pipelines.clip_score.ClipScoreStage
       -> tokenize (actor pool: one actor per GPU, or CPU actors)     pipelines.tokenize.TokenizeStage
-      -> driver: deduplicate, write and commit per input shard      pipelines.writer.ShardWriter
+      -> driver: deduplicate, pack into parts, commit                pipelines.writer.ShardWriter
+                                                                     pipelines.dedup.DedupIndex (driver or actors)
 
 Every input shard ends with an end-of-shard row carrying its sample count, so the writer knows when a shard is
-complete whatever order Ray delivers rows in. Committed shards are skipped on the next run (resume).
+complete whatever order Ray delivers rows in. Committed shards are skipped on the next run (resume). The driver
+holds the rows of the shards in flight and of one open part (about `target_file_mb`), whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -16,16 +18,17 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from pipelines.clip_score import ClipScoreConfig, ClipScoreStage
+from pipelines.dedup import DedupIndex, partition_of
 from pipelines.filters import FilterConfig, filter_sample
 from pipelines.sources import Shard, expand_inputs, read_shard
 from pipelines.tokenize import TokenizeStage, load_tokenizer, token_dtype
-from pipelines.writer import ShardWriter
+from pipelines.writer import Claim, ShardWriter
 from tokenflow import __version__ as tokenflow_version
 from tokenflow.config import to_dict
 from tokenflow.image import Preprocess
@@ -56,6 +59,13 @@ class PretokenizeConfig:
     """Optional CLIP-score filter (off by default)."""
     dedup: bool = True
     """Drop exact duplicates (same image bytes) across the whole job; the first committed sample is kept."""
+    dedup_partitions: int = 0
+    """0: the duplicate index lives in the driver (60-100 bytes per kept sample); N: in N Ray actors, each
+    holding 1/N of it (corpora of billions)."""
+    target_file_mb: float = 256.0
+    """Size of the output files: input shards are packed into parts until their rows reach this many MiB."""
+    row_group_mb: float = 32.0
+    """Parquet row groups of about this many MiB (the unit readers fetch and Ray Data splits on)."""
     read_batch_rows: int = 256
     """Rows per batch yielded by a shard reader (bounds the memory of a read task)."""
     filter_batch_size: int = 32
@@ -74,6 +84,10 @@ class PretokenizeConfig:
             self.input = [self.input]
         if self.batch_size < 1 or self.filter_batch_size < 1 or self.read_batch_rows < 1:
             raise ValueError("batch sizes must be >= 1")
+        if self.target_file_mb <= 0 or self.row_group_mb <= 0:
+            raise ValueError("target_file_mb and row_group_mb must be > 0")
+        if self.dedup_partitions < 0:
+            raise ValueError("dedup_partitions must be >= 0")
 
     @property
     def storage_options(self) -> dict:
@@ -173,16 +187,21 @@ def run(cfg: PretokenizeConfig) -> dict:
         "tokenflow_version": tokenflow_version,
     }
     writer = ShardWriter(
-        cfg.output, file_metadata=file_metadata, token_dtype=dtype, dedup=cfg.dedup, storage_options=opts
+        cfg.output,
+        file_metadata=file_metadata,
+        token_dtype=dtype,
+        target_file_mb=cfg.target_file_mb,
+        row_group_mb=cfg.row_group_mb,
+        storage_options=opts,
     )
-    markers = writer.committed()
-    other = sorted({m.get("tokenizer_id") for m in markers.values()} - {tokenizer_id})
+    done = writer.recover()
+    other = sorted({m.get("tokenizer_id") for m in done.values()} - {tokenizer_id})
     if other:
         raise ValueError(
             f"{cfg.output} already holds shards made with tokenizer {other}, this run's is {tokenizer_id}: "
             "resume with the same tokenizer, or write to a new output"
         )
-    pending = [s for s in shards if s.shard_id not in markers]
+    pending = [s for s in shards if s.shard_id not in done]
     extra = {
         "tokenizer_id": tokenizer_id,
         "tokenizer": cfg.tokenizer,
@@ -198,11 +217,14 @@ def run(cfg: PretokenizeConfig) -> dict:
         if manifest is None:
             manifest = writer.write_manifest({**extra, "wall_time_s": None})
         return {**manifest, "nothing_to_do": True}  # the flag is for the caller; the file is left as it was
-    log.info("%d of %d shards to process (%d already committed)", len(pending), len(shards), len(markers))
-    writer.load_seen_hashes(markers)
+    log.info("%d of %d shards to process (%d already committed)", len(pending), len(shards), len(done))
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    if cfg.dedup:
+        writer.claim = _dedup_index(cfg.dedup_partitions)
+        for digests, keys in writer.committed_digests():
+            writer.claim(digests, keys)
     ds = _build_dataset(cfg, pending, tok.preprocessor)
     progress = _Progress(cfg.progress_every_s)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -210,12 +232,36 @@ def run(cfg: PretokenizeConfig) -> dict:
         writer.add(batch)
     if writer.unfinished():
         raise RuntimeError(f"shards incomplete at the end of the stream: {writer.unfinished()}")
+    writer.close()
     wall = time.time() - t0
     manifest = writer.write_manifest(
         {**extra, "wall_time_s": round(wall, 3), "samples_per_s": round(progress.samples / wall, 2) if wall else None}
     )
     progress.log_line(final=True)
     return manifest
+
+
+def _dedup_index(partitions: int) -> Claim:
+    """The job's duplicate index as a claim function: in the driver, or split by digest over Ray actors."""
+    import ray
+
+    if partitions == 0:
+        return DedupIndex().claim
+    # a little CPU so the actors land on worker nodes, never on a head started with num-cpus 0
+    actors = [ray.remote(num_cpus=0.1)(DedupIndex).remote() for _ in range(partitions)]
+
+    def claim(digests: list[str], keys: list[str]) -> list[str | None]:
+        owned = defaultdict(list)
+        for i, digest in enumerate(digests):
+            owned[partition_of(digest, partitions)].append(i)
+        refs = {p: actors[p].claim.remote([digests[i] for i in ix], [keys[i] for i in ix]) for p, ix in owned.items()}
+        out: list[str | None] = [None] * len(digests)
+        for p, ref in refs.items():
+            for i, first in zip(owned[p], ray.get(ref)):
+                out[i] = first
+        return out
+
+    return claim
 
 
 def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Preprocess):

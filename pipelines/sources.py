@@ -773,7 +773,13 @@ def read_folder_shard(shard: Shard, *, storage_options: dict | None = None) -> I
     except _SHARD_ERRORS as e:
         yield _shard_error_row(shard, e, 0)
         return
-    files = {posixpath.basename(e["name"].rstrip("/")): e["name"] for e in entries if e.get("type") == "file"}
+    # fsspec lists a symlink it cannot read as a file (a dangling one, or one to a directory) as type "other", and
+    # expand_inputs counts it as an image: keep it, so that reading it fails into an image_missing row.
+    files = {
+        posixpath.basename(e["name"].rstrip("/")): e["name"]
+        for e in entries
+        if e.get("type") == "file" or e.get("islink")
+    }
     for name in sorted(files):
         if name.startswith(".") or not _is_image(name):
             continue

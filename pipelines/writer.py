@@ -1,23 +1,34 @@
-"""Token shards, rejects, the per-shard commit protocol and the manifest.
+"""Token shards, rejects, the commit protocol and the manifest.
 
 Output layout (the contract documented in the README):
 
-    OUTPUT/shards/<shard_id>.parquet     kept samples of one input shard
-    OUTPUT/rejects/<shard_id>.parquet    rejected samples of that shard (key, reason, detail, source)
-    OUTPUT/_progress/<shard_id>.json     commit marker: written last, so a shard without it is redone
-    OUTPUT/manifest.json                 counts, files and throughput of the whole output
+    OUTPUT/shards/<part>.parquet      kept samples, files of about `target_file_mb` each
+    OUTPUT/rejects/<part>.parquet     the rejected samples of the same input shards (key, reason, detail, source)
+    OUTPUT/_progress/<part>.json      commit record: the input shards the part holds, with their counts
+    OUTPUT/_staging/                  parts being written; never read
+    OUTPUT/manifest.json              counts, inputs done, files and throughput of the whole output
 
-The input shard is the unit of work: all rows of a shard are collected, duplicates against every shard
-committed before are marked, both files are written (to a temporary name, then moved into place, so readers
-never see a partial file), and only then the marker. A job killed at any point leaves shards that are either
-committed or redone from scratch by the next run, under the same deterministic file names.
+Input shards are the unit of work, parts the unit of commit. The rows of an input shard are collected until its
+end-of-shard row and all its samples have arrived; then its duplicates are marked and its rows join the open part.
+A part closes when its kept rows reach the target size, or at the end of the job: both files are written to
+_staging/, then the commit record (the commit point), then the files are moved into shards/ and rejects/.
+A job killed at any moment leaves every input shard in exactly one committed part or in none: the next run rolls
+committed parts forward (finishes their moves), clears _staging/ and redoes every shard not in a record. Readers of
+shards/ never see a partial file.
+
+For the resume tests, `TOKENFLOW_FAILPOINT=<name>[:<n>]` SIGKILLs the process the n-th time (default 1st) it passes
+the named point; the points are the `_failpoint` calls below.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import signal
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import fsspec
@@ -25,16 +36,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-CORE_COLUMNS = ("key", "caption", "tokens", "width", "height", "image_sha256", "clip_score", "source")
 REJECT_SCHEMA = pa.schema(
     [("key", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("source", pa.string())]
 )
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+MiB = 1 << 20
+
+Claim = Callable[[list[str], list[str]], list[str | None]]
+"""Dedup index: (image digests, keys) in order -> for each, the key that claimed the digest first, or None if new."""
+
+_failpoint_hits: Counter = Counter()
 
 
-def shard_stem(shard_id: str) -> str:
-    """File stem of an input shard's outputs: its relative path (the folder-tree root "." becomes "_root")."""
-    return "_root" if shard_id in ("", ".") else shard_id.strip("/")
+def _failpoint(name: str) -> None:
+    spec = os.environ.get("TOKENFLOW_FAILPOINT", "")
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _failpoint_hits[name] += 1
+    if _failpoint_hits[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -44,8 +65,17 @@ class _Pending:
     source: str = ""
 
 
+@dataclass
+class _Part:
+    name: str
+    kept: list[pa.Table] = field(default_factory=list)
+    rejects: list[pa.Table] = field(default_factory=list)
+    shards: dict[str, dict] = field(default_factory=dict)
+    nbytes: int = 0  # kept + rejected rows held in memory; the part closes at the target size
+
+
 class ShardWriter:
-    """Collects rows per input shard and commits each shard once all its rows have arrived."""
+    """Collects rows per input shard, packs finished shards into parts of a target size and commits them."""
 
     def __init__(
         self,
@@ -53,8 +83,9 @@ class ShardWriter:
         *,
         file_metadata: dict[str, str],
         token_dtype: np.dtype,
-        dedup: bool = True,
-        row_group_size: int = 8192,
+        claim: Claim | None = None,
+        target_file_mb: float = 256.0,
+        row_group_mb: float = 32.0,
         storage_options: dict | None = None,
     ):
         self.fs, self.root = fsspec.core.url_to_fs(output, **(storage_options or {}))
@@ -62,90 +93,140 @@ class ShardWriter:
         self.file_metadata = {**file_metadata, "tokenflow_shard_format": FORMAT_VERSION}
         self.token_type = pa.list_(pa.from_numpy_dtype(token_dtype))
         self.token_dtype = token_dtype
-        self.dedup = dedup
-        self.row_group_size = row_group_size
+        self.claim = claim
+        self.target_bytes = max(1, int(target_file_mb * MiB))
+        self.row_group_bytes = max(1, int(row_group_mb * MiB))
         self.pending: dict[str, _Pending] = defaultdict(_Pending)
-        self.seen: dict[str, str] = {}  # image_sha256 -> key of the kept sample
+        self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+        self.seq = 0
+        self.part: _Part | None = None
 
     # ---- resume -------------------------------------------------------------------------------------------------
 
-    def committed(self) -> dict[str, dict]:
-        """Progress markers of committed shards, by shard id."""
-        pattern = f"{self.root}/_progress/**/*.json"
-        out = {}
-        for path in sorted(self.fs.glob(pattern)):
+    def records(self) -> list[dict]:
+        """Commit records of all committed parts, in name order."""
+        out = []
+        for path in sorted(self.fs.glob(f"{self.root}/_progress/*.json")):
             with self.fs.open(path, "r") as fh:
-                marker = json.load(fh)
-            out[marker["shard_id"]] = marker
+                out.append(json.load(fh))
         return out
 
-    def load_seen_hashes(self, markers: dict[str, dict]) -> None:
-        """Rebuild the duplicate index from committed shards (reads two columns of each shard file)."""
-        if not self.dedup:
-            return
-        for marker in markers.values():
-            path = f"{self.root}/{marker['shards_file']}"
-            if marker["kept"] == 0:
+    def recover(self) -> dict[str, dict]:
+        """Finish the moves of committed parts, drop uncommitted staging files; return committed shards by id."""
+        done = {}
+        for rec in self.records():
+            for relpath in (rec["shards_file"], rec["rejects_file"]):
+                final, staged = f"{self.root}/{relpath}", f"{self.root}/_staging/{relpath}"
+                if not self.fs.exists(final):
+                    if not self.fs.exists(staged):
+                        raise RuntimeError(f"{final} is committed in _progress/{rec['name']}.json but missing")
+                    self._move(staged, final)
+            for shard_id, info in rec["shards"].items():
+                done[shard_id] = {**info, "part": rec["name"], "tokenizer_id": rec["tokenizer_id"]}
+        if self.fs.exists(f"{self.root}/_staging"):
+            self.fs.rm(f"{self.root}/_staging", recursive=True)
+        return done
+
+    def committed_digests(self, batch_rows: int = 65_536):
+        """(image digests, keys) of every committed kept sample, in commit order, in batches (to rebuild dedup)."""
+        for rec in self.records():
+            if rec["kept"] == 0:
                 continue
-            with self.fs.open(path, "rb") as fh:
-                table = pq.read_table(fh, columns=["key", "image_sha256"])
-            for key, digest in zip(table["key"].to_pylist(), table["image_sha256"].to_pylist()):
-                self.seen.setdefault(digest, key)
+            with self.fs.open(f"{self.root}/{rec['shards_file']}", "rb") as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=["key", "image_sha256"]):
+                    yield batch.column("image_sha256").to_pylist(), batch.column("key").to_pylist()
 
     # ---- streaming in -------------------------------------------------------------------------------------------
 
     def add(self, batch: pa.Table) -> list[str]:
-        """Take a batch of rows; commit and return the shards it completed."""
+        """Take a batch of rows; return the input shards it completed (they joined the open part)."""
         done = []
         touched = set()
         for row in batch.to_pylist():
-            shard_id = row["shard_id"]
-            p = self.pending[shard_id]
+            p = self.pending[row["shard_id"]]
             if row["end_of_shard"] >= 0:
                 p.expected = int(row["end_of_shard"])
                 p.source = row["source"]
             else:
                 p.rows.append(row)
-            touched.add(shard_id)
+            touched.add(row["shard_id"])
         for shard_id in sorted(touched):
             p = self.pending[shard_id]
             if p.expected is not None and len(p.rows) == p.expected:
-                self._commit(shard_id, self.pending.pop(shard_id))
+                self._finish_shard(shard_id, self.pending.pop(shard_id))
                 done.append(shard_id)
         return done
 
     def unfinished(self) -> list[str]:
         return sorted(self.pending)
 
-    # ---- commit -------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Commit the open part (the end of the job)."""
+        if self.part is not None and self.part.shards:
+            self._commit(self.part)
+        self.part = None
+        if self.fs.exists(f"{self.root}/_staging"):  # empty directories, on filesystems that have them
+            self.fs.rm(f"{self.root}/_staging", recursive=True)
 
-    def _commit(self, shard_id: str, p: _Pending) -> None:
+    def _finish_shard(self, shard_id: str, p: _Pending) -> None:
         rows = sorted(p.rows, key=lambda r: r["key"])  # deterministic order, and first-key-wins dedup in a shard
-        kept, rejects = [], []
-        for r in rows:
-            if not r["reason"] and self.dedup:
-                first = self.seen.get(r["image_sha256"])
+        candidates = [r for r in rows if not r["reason"]]
+        if self.claim is not None and candidates:
+            firsts = self.claim([r["image_sha256"] for r in candidates], [r["key"] for r in candidates])
+            for r, first in zip(candidates, firsts):
                 if first is not None:
                     r["reason"], r["detail"] = "duplicate", f"same image bytes as {first}"
-                else:
-                    self.seen[r["image_sha256"]] = r["key"]
-            (rejects if r["reason"] else kept).append(r)
-        stem = shard_stem(shard_id)
-        shards_file, rejects_file = f"shards/{stem}.parquet", f"rejects/{stem}.parquet"
-        self._write(shards_file, self._kept_table(kept))
-        self._write(rejects_file, self._rejects_table(rejects))
-        marker = {
-            "shard_id": shard_id,
+        kept = [r for r in rows if not r["reason"]]
+        rejects = [r for r in rows if r["reason"]]
+        if self.part is None:
+            self.part = _Part(name=f"part-{self.run_id}-{self.seq:05d}")
+            self.seq += 1
+        part = self.part
+        if kept:
+            table = self._kept_table(kept)
+            part.kept.append(table)
+            part.nbytes += table.nbytes
+        if rejects:
+            table = self._rejects_table(rejects)
+            part.rejects.append(table)
+            part.nbytes += table.nbytes
+        part.shards[shard_id] = {
             "source": p.source,
             "kept": len(kept),
             "rejected": len(rejects),
             "reasons": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-            "tokenizer_id": self.file_metadata.get("tokenizer_id"),
+        }
+        _failpoint("shard_joined_part")
+        if part.nbytes >= self.target_bytes:
+            self.close()
+
+    # ---- commit -------------------------------------------------------------------------------------------------
+
+    def _commit(self, part: _Part) -> None:
+        shards_file, rejects_file = f"shards/{part.name}.parquet", f"rejects/{part.name}.parquet"
+        kept = _with_meta_columns(_concat(part.kept, self._kept_table([]).schema))
+        rejects = _concat(part.rejects, REJECT_SCHEMA)
+        self._write_parquet(f"_staging/{shards_file}", kept)
+        self._write_parquet(f"_staging/{rejects_file}", rejects)
+        _failpoint("part_staged")
+        shards = part.shards
+        record = {
+            "name": part.name,
             "shards_file": shards_file,
             "rejects_file": rejects_file,
+            "kept": kept.num_rows,
+            "rejected": rejects.num_rows,
+            "reasons": dict(sorted(sum((Counter(s["reasons"]) for s in shards.values()), Counter()).items())),
+            "tokenizer_id": self.file_metadata.get("tokenizer_id"),
             "committed_at": time.time(),
+            "shards": dict(sorted(shards.items())),
         }
-        self._write_bytes(f"_progress/{stem}.json", json.dumps(marker, indent=1).encode())
+        self._write_bytes(f"_progress/{part.name}.json", json.dumps(record, indent=1).encode())
+        _failpoint("part_recorded")
+        self._move(f"{self.root}/_staging/{shards_file}", f"{self.root}/{shards_file}")
+        _failpoint("part_half_moved")
+        self._move(f"{self.root}/_staging/{rejects_file}", f"{self.root}/{rejects_file}")
+        _failpoint("part_committed")
 
     def _kept_table(self, rows: list[dict]) -> pa.Table:
         cols = {
@@ -157,11 +238,8 @@ class ShardWriter:
             "image_sha256": pa.array([r["image_sha256"] for r in rows], pa.string()),
             "clip_score": pa.array([r.get("clip_score") for r in rows], pa.float32()),
             "source": pa.array([r["source"] for r in rows], pa.string()),
+            "_meta": pa.array([r["meta"] for r in rows], pa.string()),  # JSON; columns are made per part
         }
-        metas = [json.loads(r["meta"] or "{}") for r in rows]
-        for name in sorted({k for m in metas for k in m}):
-            column = name if name not in cols else f"meta_{name}"
-            cols[column] = _meta_column([m.get(name) for m in metas])
         return pa.table(cols)
 
     def _rejects_table(self, rows: list[dict]) -> pa.Table:
@@ -170,21 +248,24 @@ class ShardWriter:
             schema=REJECT_SCHEMA,
         )
 
-    def _write(self, relpath: str, table: pa.Table) -> None:
+    def _write_parquet(self, relpath: str, table: pa.Table) -> None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.file_metadata})
         path = f"{self.root}/{relpath}"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp"
-        with self.fs.open(tmp, "wb") as fh:
-            pq.write_table(table, fh, row_group_size=self.row_group_size)
-        self.fs.mv(tmp, path)
+        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+        with self.fs.open(path, "wb") as fh:
+            pq.write_table(table, fh, row_group_size=max(1, self.row_group_bytes // row_bytes))
 
     def _write_bytes(self, relpath: str, data: bytes) -> None:
         path = f"{self.root}/{relpath}"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(f"{path}.tmp", "wb") as fh:
             fh.write(data)
-        self.fs.mv(f"{path}.tmp", path)
+        self._move(f"{path}.tmp", path)
+
+    def _move(self, src: str, dst: str) -> None:
+        self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(src, dst)
 
     # ---- manifest -----------------------------------------------------------------------------------------------
 
@@ -196,13 +277,13 @@ class ShardWriter:
             return json.load(fh)
 
     def write_manifest(self, extra: dict) -> dict:
-        """Aggregate every committed shard's marker into OUTPUT/manifest.json and return it."""
-        markers = self.committed()
+        """Aggregate every commit record into OUTPUT/manifest.json and return it."""
+        records = self.records()
         reasons: Counter = Counter()
-        for m in markers.values():
-            reasons.update(m["reasons"])
-        kept = sum(m["kept"] for m in markers.values())
-        rejected = sum(m["rejected"] for m in markers.values())
+        for rec in records:
+            reasons.update(rec["reasons"])
+        kept = sum(rec["kept"] for rec in records)
+        rejected = sum(rec["rejected"] for rec in records)
         manifest = {
             **extra,
             "counts": {
@@ -211,12 +292,28 @@ class ShardWriter:
                 "rejected": rejected,
                 "reasons": dict(sorted(reasons.items())),
             },
-            "shards_done": len(markers),
-            "files": [{"path": m["shards_file"], "rows": m["kept"]} for m in markers.values()]
-            + [{"path": m["rejects_file"], "rows": m["rejected"]} for m in markers.values()],
+            "shards_done": sum(len(rec["shards"]) for rec in records),
+            "inputs_done": sorted({s["source"] for rec in records for s in rec["shards"].values()}),
+            "files": [{"path": rec["shards_file"], "rows": rec["kept"]} for rec in records]
+            + [{"path": rec["rejects_file"], "rows": rec["rejected"]} for rec in records],
         }
         self._write_bytes("manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
         return manifest
+
+
+def _concat(tables: list[pa.Table], empty_schema: pa.Schema) -> pa.Table:
+    return pa.concat_tables(tables) if tables else empty_schema.empty_table()
+
+
+def _with_meta_columns(table: pa.Table) -> pa.Table:
+    """Expand the `_meta` JSON column into one column per metadata field, typed over the whole part; a field whose
+    name clashes with a core column is prefixed `meta_`."""
+    metas = [json.loads(m or "{}") for m in table.column("_meta").to_pylist()]
+    table = table.drop_columns(["_meta"])
+    for name in sorted({k for m in metas for k in m}):
+        column = name if name not in table.column_names else f"meta_{name}"
+        table = table.append_column(column, _meta_column([m.get(name) for m in metas]))
+    return table
 
 
 def _meta_column(values: list) -> pa.Array:

@@ -99,7 +99,8 @@ def test_pipeline_records_scores_and_rejects_below_threshold(ray_local, clip_cfg
         input=["samples/images"], output=str(out), tokenizer="preset:tiny", tokenizer_actors=1, clip=clip_cfg
     )
     run(cfg)
-    kept = pq.read_table(out / "shards" / "_root.parquet").to_pylist()
+    (shards_file,) = (out / "shards").glob("*.parquet")
+    kept = pq.read_table(shards_file).to_pylist()
     assert len(kept) == 4 and all(r["clip_score"] is not None for r in kept)
     # the job's scores are what the stage computes on the tokenizer-preprocessed square
     from pipelines.tokenize import load_tokenizer

@@ -81,8 +81,9 @@ def corpus(tmp_path):
 
 
 def _outputs(out):
-    kept = pq.read_table(list((out / "shards").rglob("*.parquet"))).to_pylist()
-    rejects = pq.read_table(list((out / "rejects").rglob("*.parquet"))).to_pylist()
+    """Kept and rejected rows by key; files are read one by one (their metadata columns may differ)."""
+    kept = [r for p in (out / "shards").glob("*.parquet") for r in pq.read_table(p).to_pylist()]
+    rejects = [r for p in (out / "rejects").glob("*.parquet") for r in pq.read_table(p).to_pylist()]
     return {r["key"]: r for r in kept}, {r["key"]: r for r in rejects}
 
 
@@ -90,7 +91,12 @@ def test_pretokenize_accounting_reasons_tokens_and_resume(ray_local, corpus, tmp
     root, expected = corpus
     out = tmp_path / "out"
     cfg = PretokenizeConfig(
-        input=[str(root)], output=str(out), tokenizer="preset:tiny", tokenizer_actors=1, batch_size=4
+        input=[str(root)],
+        output=str(out),
+        tokenizer="preset:tiny",
+        tokenizer_actors=1,
+        batch_size=4,
+        target_file_mb=1e-6,  # one part per input shard
     )
     manifest = run(cfg)
     kept, rejects = _outputs(out)
@@ -111,11 +117,18 @@ def test_pretokenize_accounting_reasons_tokens_and_resume(ray_local, corpus, tmp
     assert kept["00000.tar/a"]["caption"] == "an astronaut" and kept["00000.tar/a"]["punsafe"] == 0.1
     assert (kept["00000.tar/a"]["width"], kept["00000.tar/a"]["height"]) == (160, 120)
 
-    # file metadata identifies the tokenizer
-    meta = pq.read_schema(out / "shards" / "00000.tar.parquet").metadata
-    assert meta[b"tokenizer_id"].decode() == tok.fingerprint()
-    assert json.loads(meta[b"scales"]) == [1, 2, 4, 6, 8]
-    assert pq.read_schema(out / "shards" / "00000.tar.parquet").field("tokens").type.value_type == "uint16"
+    # one committed part per input shard (the target size is tiny); file metadata identifies the tokenizer
+    records = {r["name"]: r for r in (json.loads(p.read_text()) for p in (out / "_progress").glob("*.json"))}
+    assert sorted(s for r in records.values() for s in r["shards"]) == ["00000.tar", "00001.tar"]
+    assert sorted(f["path"] for f in manifest["files"]) == sorted(
+        f"{d}/{name}.parquet" for name in records for d in ("shards", "rejects")
+    )
+    assert not (out / "_staging").exists()
+    for path in (out / "shards").glob("*.parquet"):
+        schema = pq.read_schema(path)
+        assert schema.metadata[b"tokenizer_id"].decode() == tok.fingerprint()
+        assert json.loads(schema.metadata[b"scales"]) == [1, 2, 4, 6, 8]
+        assert schema.field("tokens").type.value_type == "uint16"
 
     # a second run on the finished output does nothing
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
@@ -123,9 +136,14 @@ def test_pretokenize_accounting_reasons_tokens_and_resume(ray_local, corpus, tmp
     assert again.pop("nothing_to_do") is True and again == manifest
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}  # not a byte written
 
-    # a shard whose commit marker is missing (killed before the commit) is redone; the result is identical
-    (out / "_progress" / "00001.tar.json").unlink()
-    (out / "shards" / "00001.tar.parquet").unlink()
+    # a shard whose part is not committed (killed before the commit) is redone; the result is identical
+    (name,) = [n for n, r in records.items() if "00001.tar" in r["shards"]]
+    for path in (
+        out / "_progress" / f"{name}.json",
+        out / "shards" / f"{name}.parquet",
+        out / "rejects" / f"{name}.parquet",
+    ):
+        path.unlink()
     run(cfg)
     kept2, rejects2 = _outputs(out)
     assert kept2.keys() == kept.keys() and rejects2.keys() == rejects.keys()
@@ -141,3 +159,16 @@ def test_resuming_with_another_tokenizer_is_refused(ray_local, corpus, tmp_path)
     )
     with pytest.raises(ValueError, match="already holds shards made with tokenizer"):
         run(PretokenizeConfig(input=[str(root)], output=str(out), tokenizer="preset:tiny_unitok", tokenizer_actors=1))
+
+
+def test_dedup_index_partitioned_over_actors(ray_local, corpus, tmp_path):
+    root, expected = corpus
+    out = tmp_path / "out"
+    cfg = PretokenizeConfig(
+        input=[str(root)], output=str(out), tokenizer="preset:tiny", tokenizer_actors=1, dedup_partitions=3
+    )
+    run(cfg)
+    kept, rejects = _outputs(out)
+    assert {k: r["reason"] for k, r in rejects.items()} == {k: v for k, v in expected.items() if v}
+    assert rejects["00001.tar/g"]["detail"] == "same image bytes as 00000.tar/b"
+    assert sorted(kept) == ["00000.tar/a", "00000.tar/b", "00001.tar/i"]

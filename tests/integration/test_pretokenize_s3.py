@@ -1,6 +1,7 @@
 """The pretokenize job reading Parquet from S3 and writing its shards to S3 (moto server on 127.0.0.1)."""
 
 import io
+import json
 
 import boto3
 import pyarrow as pa
@@ -56,12 +57,15 @@ def test_parquet_on_s3_to_shards_on_s3(ray_with_s3_env):
         "reasons": {"decode_error": 1, "image_missing": 1, "metadata_filter": 1},
     }
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-    kept = pq.read_table("tokenflow-test/tokens/shards/part-0.parquet.parquet", filesystem=fs).to_pylist()
+    (shards_file,) = fs.glob("tokenflow-test/tokens/shards/*.parquet")
+    kept = pq.read_table(shards_file, filesystem=fs).to_pylist()
     assert [(r["key"], r["caption"], r["url"], r["punsafe"]) for r in kept] == [
         ("part-0.parquet#0", "an astronaut", "http://a", 0.01)
     ]
     assert len(kept[0]["tokens"]) == 121
-    rejects = pq.read_table("tokenflow-test/tokens/rejects/part-0.parquet.parquet", filesystem=fs).to_pylist()
+    (rejects_file,) = fs.glob("tokenflow-test/tokens/rejects/*.parquet")
+    rejects = pq.read_table(rejects_file, filesystem=fs).to_pylist()
     assert sorted(r["key"] for r in rejects) == ["part-0.parquet#1", "part-0.parquet#2", "part-0.parquet#3"]
-    assert fs.exists("tokenflow-test/tokens/_progress/part-0.parquet.json")
-    assert not fs.glob("tokenflow-test/tokens/**/*.tmp")
+    (record,) = fs.glob("tokenflow-test/tokens/_progress/*.json")
+    assert json.loads(fs.cat(record))["shards"]["part-0.parquet"]["kept"] == 1
+    assert not fs.glob("tokenflow-test/tokens/**/*.tmp") and not fs.glob("tokenflow-test/tokens/_staging/**")

@@ -568,6 +568,27 @@ def test_folder_rows(tmp_path, photos):
     ]
 
 
+def test_folder_dangling_symlink_is_image_missing(tmp_path, photos):
+    """expand_inputs counts symlinks named like images as images, so the reader must give each a row."""
+    root = tmp_path / "photos"
+    touch(root / "a.jpg", photos[0])
+    (root / "b.jpg").symlink_to(root / "moved" / "b.jpg")
+    touch(root / "b.txt", b"caption b")
+    (root / "c.txt").symlink_to(root / "moved" / "c.txt")  # a dangling sidecar: read fails, said in detail
+    touch(root / "c.jpg", photos[1])
+    (root / "sub").mkdir()
+    (root / "d.jpg").symlink_to(root / "sub")  # expand_inputs counts it as an image too: a row, not a sample
+
+    (shard,) = expand_inputs([str(root)])
+    rows = rows_of(shard)
+    assert [r["key"] for r in rows] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    assert rows[1]["reason"] == "image_missing" and rows[1]["image"] is None and rows[1]["caption"] == b"caption b"
+    assert rows[1]["detail"].startswith("cannot read b.jpg: FileNotFoundError")
+    assert rows[2]["reason"] is None and rows[2]["caption"] is None
+    assert rows[2]["detail"].startswith("cannot read c.txt: FileNotFoundError")
+    assert rows[3]["reason"] == "image_missing" and rows[3]["detail"].startswith("cannot read d.jpg: ")
+
+
 def test_folder_missing_directory(tmp_path):
     (row,) = rows_of(Shard(str(tmp_path / "gone"), "gone", "folder"))
     assert row["key"] == "gone#shard" and row["reason"] == "shard_error"
