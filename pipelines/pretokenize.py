@@ -1,7 +1,7 @@
 """The pretokenize pipeline: corpus shards -> filter -> tokenize -> token shards, on Ray Data.
 
-    read (tasks, one input shard per call, streamed in batches)     pipelines.sources.read_shard
-      -> decode, validate, filter, resize + crop (CPU tasks)         pipelines.filters.filter_sample
+    read (one task per input shard, streamed in blocks)            CorpusDatasource, pipelines.sources.read_shard
+         decode, validate, filter, resize + crop (in the read task)  pipelines.filters.filter_sample
       -> optional CLIP score (actor pool)                            pipelines.clip_score.ClipScoreStage
       -> tokenize (actor pool: one actor per GPU, or CPU actors)     pipelines.tokenize.TokenizeStage
       -> driver: deduplicate, pack into parts, commit                pipelines.writer.ShardWriter
@@ -14,14 +14,18 @@ holds the rows of the shards in flight and of one open part (about `target_file_
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from pipelines.clip_score import ClipScoreConfig, ClipScoreStage
 from pipelines.dedup import DedupIndex, partition_of
@@ -67,13 +71,14 @@ class PretokenizeConfig:
     row_group_mb: float = 32.0
     """Parquet row groups of about this many MiB (the unit readers fetch and Ray Data splits on)."""
     read_batch_rows: int = 256
-    """Rows per batch yielded by a shard reader (bounds the memory of a read task)."""
-    filter_batch_size: int = 32
-    """Rows per decode/filter task call."""
+    """Rows per block a read task yields, after decoding and filtering (bounds the memory of a read task)."""
     batch_size: int = 64
     """Images per tokenizer forward."""
     tokenizer_actors: int | None = None
     """Size of the tokenize actor pool; default one per GPU in the cluster, else a quarter of the CPUs (>= 1)."""
+    tokenizer_threads: int | None = None
+    """CPU actors only: torch threads per tokenize actor; default a node's CPUs divided by the actors per node.
+    (Decoding runs in the read tasks, and a model-bound stage should use the cores the reads leave idle.)"""
     device: str = "auto"
     """auto (CUDA when the actor has a GPU), cpu or cuda."""
     progress_every_s: float = 30.0
@@ -82,7 +87,7 @@ class PretokenizeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.input, str):
             self.input = [self.input]
-        if self.batch_size < 1 or self.filter_batch_size < 1 or self.read_batch_rows < 1:
+        if self.batch_size < 1 or self.read_batch_rows < 1:
             raise ValueError("batch sizes must be >= 1")
         if self.target_file_mb <= 0 or self.row_group_mb <= 0:
             raise ValueError("target_file_mb and row_group_mb must be > 0")
@@ -131,21 +136,52 @@ FILTERED_SCHEMA = pa.schema(
 )
 
 
-def read_batch(batch: pa.Table, *, cfg: PretokenizeConfig):
-    """One input shard per call -> tables of reader rows, then the shard's end-of-shard row."""
-    for item in batch.to_pylist():
-        shard = Shard(path=item["path"], shard_id=item["shard_id"], format=item["format"])
-        rows, n = [], 0
-        for row in read_shard(
-            shard, image_column=cfg.image_column, caption_column=cfg.caption_column, storage_options=cfg.storage_options
-        ):
-            rows.append({**row, "shard_id": shard.shard_id, "end_of_shard": -1})
-            n += 1
-            if len(rows) >= cfg.read_batch_rows:
-                yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
-                rows = []
-        end = {"key": f"{shard.shard_id}#end", "source": shard.path, "shard_id": shard.shard_id, "end_of_shard": n}
-        yield pa.Table.from_pylist([*rows, end], schema=READ_SCHEMA)
+def read_shard_tables(shard: Shard, cfg: PretokenizeConfig) -> Iterator[pa.Table]:
+    """One input shard -> tables of at most `read_batch_rows` reader rows (READ_SCHEMA), then the shard's
+    end-of-shard row."""
+    rows, n = [], 0
+    for row in read_shard(
+        shard, image_column=cfg.image_column, caption_column=cfg.caption_column, storage_options=cfg.storage_options
+    ):
+        rows.append({**row, "shard_id": shard.shard_id, "end_of_shard": -1})
+        n += 1
+        if len(rows) >= cfg.read_batch_rows:
+            yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+            rows = []
+    end = {"key": f"{shard.shard_id}#end", "source": shard.path, "shard_id": shard.shard_id, "end_of_shard": n}
+    yield pa.Table.from_pylist([*rows, end], schema=READ_SCHEMA)
+
+
+def read_and_filter(shard: Shard, cfg: PretokenizeConfig, preprocess: Preprocess) -> Iterator[pa.Table]:
+    """A read task's work: one input shard read, decoded, validated and filtered (FILTERED_SCHEMA blocks)."""
+    for table in read_shard_tables(shard, cfg):
+        yield filter_batch(table, filters=cfg.filters, preprocess=preprocess)
+
+
+class CorpusDatasource(Datasource):
+    """Ray Data source with one read task per input shard, which reads, decodes and filters it in a stream of
+    blocks; the actor pools downstream only run models.
+
+    A read operator, not `map_batches` over a list of shards: Ray fuses consecutive map stages and bundles their
+    input up to the largest batch size among them, which would hand dozens of shards to one task; and decoding
+    in the read task keeps it off the tokenize actors, where it would run in series with the model."""
+
+    def __init__(self, shards: list[Shard], cfg: PretokenizeConfig, preprocess: Preprocess):
+        super().__init__()
+        self.shards, self.cfg, self.preprocess = shards, cfg, preprocess
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        return [
+            ReadTask(
+                functools.partial(read_and_filter, shard, self.cfg, self.preprocess),
+                BlockMetadata(num_rows=None, size_bytes=None, input_files=[shard.path], exec_stats=None),
+                schema=FILTERED_SCHEMA,
+            )
+            for shard in self.shards
+        ]
 
 
 def filter_batch(batch: pa.Table, *, filters: FilterConfig, preprocess: Preprocess) -> pa.Table:
@@ -202,11 +238,13 @@ def run(cfg: PretokenizeConfig) -> dict:
             "resume with the same tokenizer, or write to a new output"
         )
     pending = [s for s in shards if s.shard_id not in done]
+    preprocess, scales = tok.preprocessor, list(tok.scales)
+    del tok  # the actors load their own copy; the driver keeps no model (GBs for the large presets)
     extra = {
         "tokenizer_id": tokenizer_id,
         "tokenizer": cfg.tokenizer,
-        "scales": list(tok.scales),
-        "codebook_size": tok.codebook_size,
+        "scales": scales,
+        "codebook_size": int(file_metadata["codebook_size"]),
         "inputs": {"shards": len(shards)},
         "config": to_dict(cfg),
         "tokenflow_version": tokenflow_version,
@@ -225,7 +263,7 @@ def run(cfg: PretokenizeConfig) -> dict:
         writer.claim = _dedup_index(cfg.dedup_partitions)
         for digests, keys in writer.committed_digests():
             writer.claim(digests, keys)
-    ds = _build_dataset(cfg, pending, tok.preprocessor)
+    ds = _build_dataset(cfg, pending, preprocess)
     progress = _Progress(cfg.progress_every_s)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         progress.update(batch)
@@ -267,24 +305,30 @@ def _dedup_index(partitions: int) -> Claim:
 def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Preprocess):
     import ray
 
-    items = [{"path": s.path, "shard_id": s.shard_id, "format": s.format} for s in pending]
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = cfg.tokenizer_actors or (gpus if gpus else max(1, cpus // 4))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
     use_gpu = gpus > 0 and cfg.device != "cpu"
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
-    ds = ds.map_batches(
-        filter_batch,
-        batch_size=cfg.filter_batch_size,
-        batch_format="pyarrow",
-        fn_kwargs={"filters": cfg.filters, "preprocess": preprocess},
-    )
+    actors = cfg.tokenizer_actors or (gpus if use_gpu else max(1, cpus // 4))
+    clip_actors = (cfg.clip.actors or actors) if cfg.clip.enabled else 0
+    if actors + clip_actors >= cpus:  # every actor holds a CPU; read tasks need one more
+        log.warning(
+            "the actor pools take %d of the %d CPUs the cluster has now and leave none for the read/decode tasks: "
+            "the job waits until the cluster grows (an autoscaling cluster adds nodes); on a fixed cluster lower "
+            "tokenizer_actors or clip.actors",
+            actors + clip_actors,
+            cpus,
+        )
+    threads = cfg.tokenizer_threads
+    if not use_gpu and threads is None:
+        node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+        per_node = -(-actors // max(1, len(node_cpus)))
+        threads = max(1, int(max(node_cpus, default=1)) // per_node)
+    ds = ray.data.read_datasource(CorpusDatasource(pending, cfg, preprocess))
     if cfg.clip.enabled:
         ds = ds.map_batches(
             ClipScoreStage,
             fn_constructor_kwargs={"cfg": cfg.clip, "image_size": preprocess.size, "device": cfg.device},
-            compute=ray.data.ActorPoolStrategy(size=cfg.clip.actors or actors),
+            compute=ray.data.ActorPoolStrategy(size=clip_actors),
             batch_size=cfg.clip.batch_size,
             batch_format="pyarrow",
             num_gpus=0.25 if use_gpu else 0,  # a CLIP forward is small next to the tokenizer's: share the GPU
@@ -295,6 +339,7 @@ def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Pre
         fn_constructor_kwargs={
             "tokenizer": cfg.tokenizer,
             "device": cfg.device,
+            "threads": None if use_gpu else threads,
             "storage_options": cfg.storage_options,
         },
         compute=ray.data.ActorPoolStrategy(size=actors),

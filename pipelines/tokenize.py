@@ -7,6 +7,7 @@ in bf16 except the quantizer, which always runs in fp32 (a bf16 argmin flips tok
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -54,8 +55,13 @@ def pixels_to_tensor(pixels: list[bytes], size: int, device: torch.device) -> to
 class TokenizeStage:
     """Ray Data actor: pixels -> tokens for a batch (dict of numpy arrays)."""
 
-    def __init__(self, tokenizer: str, *, device: str = "auto", storage_options: dict | None = None):
+    def __init__(
+        self, tokenizer: str, *, device: str = "auto", threads: int | None = None, storage_options: dict | None = None
+    ):
         self.device = resolve_device(device)
+        if self.device.type == "cpu" and threads:
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); a model-bound CPU stage wants the node's cores
+            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.tok = load_tokenizer(tokenizer, storage_options=storage_options).to(self.device)
         if self.device.type == "cuda":
             self.tok.model.to(torch.bfloat16)

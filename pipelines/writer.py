@@ -74,6 +74,81 @@ class _Part:
     nbytes: int = 0  # kept + rejected rows held in memory; the part closes at the target size
 
 
+class MetaSchema:
+    """The metadata columns of a job's token shards, fixed by the first part with kept rows so that every file
+    of the job has the same schema (Hugging Face `datasets`, Ray Data and DuckDB read the files as one table).
+
+    Types: bool, int64, float64, string, or json (text) for lists, objects and mixed values. A later field that
+    is not in the schema, or a value its column cannot hold (0.5 in an int64 column), goes to the `meta_extra`
+    column as JSON, so nothing is dropped. A field whose name clashes with a core column is prefixed `meta_`."""
+
+    EXTRA = "meta_extra"
+    _ARROW = {
+        "bool": pa.bool_(),
+        "int64": pa.int64(),
+        "float64": pa.float64(),
+        "string": pa.string(),
+        "json": pa.string(),
+    }
+
+    def __init__(self, fields: dict[str, str] | None = None):
+        self.fields = fields  # field name -> type name; None until fixed
+
+    @staticmethod
+    def infer(values: list) -> str:
+        present = [v for v in values if v is not None]
+        if not present:
+            return "string"
+        if all(isinstance(v, bool) for v in present):
+            return "bool"
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+            return "int64"
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+            return "float64"
+        if all(isinstance(v, str) for v in present):
+            return "string"
+        return "json"
+
+    @staticmethod
+    def _fits(kind: str, v):
+        """(True, stored value) when the column can hold v, else (False, None)."""
+        if v is None:
+            return True, None
+        if kind == "bool":
+            return isinstance(v, bool), v if isinstance(v, bool) else None
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if kind == "int64":
+            ok = number and float(v).is_integer() and abs(v) < 2**63
+            return ok, int(v) if ok else None
+        if kind == "float64":
+            return number, float(v) if number else None
+        if kind == "string":
+            return isinstance(v, str), v if isinstance(v, str) else None
+        return True, json.dumps(v)  # json
+
+    def columns(self, metas: list[dict], core: list[str]) -> dict[str, pa.Array]:
+        """The metadata columns (and meta_extra) for rows whose metadata are `metas`; fixes the schema if needed."""
+        if self.fields is None:
+            names = sorted({k for m in metas for k in m})
+            self.fields = {name: self.infer([m.get(name) for m in metas]) for name in names}
+        out: dict[str, list] = {name: [] for name in self.fields}
+        extra: list[str | None] = []
+        for m in metas:
+            rest = {k: v for k, v in m.items() if k not in self.fields}
+            for name, kind in self.fields.items():
+                ok, value = self._fits(kind, m.get(name))
+                out[name].append(value)
+                if not ok:
+                    rest[name] = m[name]
+            extra.append(json.dumps(rest, sort_keys=True) if rest else None)
+        cols = {
+            (name if name not in core else f"meta_{name}"): pa.array(values, self._ARROW[self.fields[name]])
+            for name, values in out.items()
+        }
+        cols[self.EXTRA] = pa.array(extra, pa.string())
+        return cols
+
+
 class ShardWriter:
     """Collects rows per input shard, packs finished shards into parts of a target size and commits them."""
 
@@ -100,6 +175,7 @@ class ShardWriter:
         self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
         self.seq = 0
         self.part: _Part | None = None
+        self.meta = MetaSchema()
 
     # ---- resume -------------------------------------------------------------------------------------------------
 
@@ -115,7 +191,9 @@ class ShardWriter:
         """Finish the moves of committed parts, drop uncommitted staging files; return committed shards by id."""
         done = {}
         for rec in self.records():
-            for relpath in (rec["shards_file"], rec["rejects_file"]):
+            if rec.get("meta_fields") is not None and self.meta.fields is None:
+                self.meta = MetaSchema(rec["meta_fields"])
+            for relpath in filter(None, (rec["shards_file"], rec["rejects_file"])):
                 final, staged = f"{self.root}/{relpath}", f"{self.root}/_staging/{relpath}"
                 if not self.fs.exists(final):
                     if not self.fs.exists(staged):
@@ -204,9 +282,12 @@ class ShardWriter:
 
     def _commit(self, part: _Part) -> None:
         shards_file, rejects_file = f"shards/{part.name}.parquet", f"rejects/{part.name}.parquet"
-        kept = _with_meta_columns(_concat(part.kept, self._kept_table([]).schema))
+        kept = _concat(part.kept, self._kept_table([]).schema)
         rejects = _concat(part.rejects, REJECT_SCHEMA)
-        self._write_parquet(f"_staging/{shards_file}", kept)
+        if kept.num_rows:
+            self._write_parquet(f"_staging/{shards_file}", self._with_meta_columns(kept))
+        else:  # no file: its metadata schema could not be the job's before a part with rows has fixed it
+            shards_file = None
         self._write_parquet(f"_staging/{rejects_file}", rejects)
         _failpoint("part_staged")
         shards = part.shards
@@ -218,12 +299,14 @@ class ShardWriter:
             "rejected": rejects.num_rows,
             "reasons": dict(sorted(sum((Counter(s["reasons"]) for s in shards.values()), Counter()).items())),
             "tokenizer_id": self.file_metadata.get("tokenizer_id"),
+            "meta_fields": self.meta.fields,
             "committed_at": time.time(),
             "shards": dict(sorted(shards.items())),
         }
         self._write_bytes(f"_progress/{part.name}.json", json.dumps(record, indent=1).encode())
         _failpoint("part_recorded")
-        self._move(f"{self.root}/_staging/{shards_file}", f"{self.root}/{shards_file}")
+        if shards_file:
+            self._move(f"{self.root}/_staging/{shards_file}", f"{self.root}/{shards_file}")
         _failpoint("part_half_moved")
         self._move(f"{self.root}/_staging/{rejects_file}", f"{self.root}/{rejects_file}")
         _failpoint("part_committed")
@@ -238,9 +321,17 @@ class ShardWriter:
             "image_sha256": pa.array([r["image_sha256"] for r in rows], pa.string()),
             "clip_score": pa.array([r.get("clip_score") for r in rows], pa.float32()),
             "source": pa.array([r["source"] for r in rows], pa.string()),
-            "_meta": pa.array([r["meta"] for r in rows], pa.string()),  # JSON; columns are made per part
+            "_meta": pa.array([r["meta"] for r in rows], pa.string()),  # JSON; columns are made at commit
         }
         return pa.table(cols)
+
+    def _with_meta_columns(self, table: pa.Table) -> pa.Table:
+        """Expand the `_meta` JSON column into the job's metadata columns."""
+        metas = [json.loads(m or "{}") for m in table.column("_meta").to_pylist()]
+        table = table.drop_columns(["_meta"])
+        for name, column in self.meta.columns(metas, core=table.column_names).items():
+            table = table.append_column(name, column)
+        return table
 
     def _rejects_table(self, rows: list[dict]) -> pa.Table:
         return pa.table(
@@ -294,7 +385,7 @@ class ShardWriter:
             },
             "shards_done": sum(len(rec["shards"]) for rec in records),
             "inputs_done": sorted({s["source"] for rec in records for s in rec["shards"].values()}),
-            "files": [{"path": rec["shards_file"], "rows": rec["kept"]} for rec in records]
+            "files": [{"path": rec["shards_file"], "rows": rec["kept"]} for rec in records if rec["shards_file"]]
             + [{"path": rec["rejects_file"], "rows": rec["rejected"]} for rec in records],
         }
         self._write_bytes("manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -303,22 +394,3 @@ class ShardWriter:
 
 def _concat(tables: list[pa.Table], empty_schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else empty_schema.empty_table()
-
-
-def _with_meta_columns(table: pa.Table) -> pa.Table:
-    """Expand the `_meta` JSON column into one column per metadata field, typed over the whole part; a field whose
-    name clashes with a core column is prefixed `meta_`."""
-    metas = [json.loads(m or "{}") for m in table.column("_meta").to_pylist()]
-    table = table.drop_columns(["_meta"])
-    for name in sorted({k for m in metas for k in m}):
-        column = name if name not in table.column_names else f"meta_{name}"
-        table = table.append_column(column, _meta_column([m.get(name) for m in metas]))
-    return table
-
-
-def _meta_column(values: list) -> pa.Array:
-    """A metadata column as Arrow infers it; values of mixed types are kept as JSON text instead."""
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([None if v is None else json.dumps(v) for v in values], pa.string())

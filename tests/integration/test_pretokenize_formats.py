@@ -386,7 +386,6 @@ def job(request, ray_local, tmp_path_factory) -> Job:
         tokenizer="preset:tiny",
         tokenizer_actors=1,
         batch_size=4,
-        filter_batch_size=8,
         read_batch_rows=8,
         filters=FILTERS,
     )

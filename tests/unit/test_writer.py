@@ -185,20 +185,49 @@ def test_an_invalid_copy_never_claims_an_image(tmp_path):
     assert sorted(kept) == ["a.tar/001"] and rejects["a.tar/000"]["reason"] == "too_small"
 
 
-def test_metadata_columns_are_typed_per_part_and_never_shadow_core_columns(tmp_path):
-    w = _writer(tmp_path)
-    w.add(_table(_rows("a.tar", 2, meta=lambda i: {"punsafe": 0.5 * i, "width": 999})))
-    w.add(_table(_rows("b.tar", 2, meta=lambda i: {"punsafe": i, "url": f"http://x/{i}", "mixed": [i]})))
-    w.add(_table(_rows("c.tar", 1, meta=lambda i: {"mixed": "text"})))
+def test_metadata_schema_is_fixed_by_the_first_part_with_rows_and_nothing_is_lost(tmp_path):
+    w = _writer(tmp_path, target_file_mb=1e-9)  # every input shard closes its own part
+    w.add(_table(_rows("0.tar", 2, reject_every=1, meta=lambda i: {"only_here": i})))  # no kept rows: no file
+    w.add(_table(_rows("a.tar", 2, meta=lambda i: {"punsafe": 0.5 * i, "width": 999, "tags": [i], "note": None})))
+    w.add(_table(_rows("b.tar", 2, meta=lambda i: {"punsafe": i, "url": f"http://x/{i}", "note": "n"})))
+    w.add(_table(_rows("c.tar", 1, meta=lambda i: {"punsafe": "n/a", "width": 1.5, "tags": "t"})))
     w.close()
-    (path,) = (tmp_path / "shards").glob("*.parquet")
-    table = pq.read_table(path)
-    assert table.schema.field("punsafe").type == pa.float64() and table.schema.field("width").type == pa.int32()
-    rows = {r["key"]: r for r in table.to_pylist()}
+    records = w.records()
+    assert [r["shards_file"] is None for r in records] == [True, False, False, False]
+    assert all(
+        r["meta_fields"] == {"note": "string", "punsafe": "float64", "tags": "json", "width": "int64"}
+        for r in records[1:]
+    )
+    files = sorted((tmp_path / "shards").glob("*.parquet"))
+    assert len(files) == 3
+    schemas = {pq.read_schema(f).remove_metadata() for f in files}
+    assert len(schemas) == 1  # one schema for the whole job
+    (schema,) = schemas
+    assert schema.field("punsafe").type == pa.float64() and schema.field("meta_width").type == pa.int64()
+    assert schema.field("width").type == pa.int32()  # the core column, never shadowed
+    rows = {r["key"]: r for f in files for r in pq.read_table(f).to_pylist()}
     assert rows["a.tar/001"]["punsafe"] == 0.5 and rows["a.tar/001"]["meta_width"] == 999
-    assert rows["a.tar/001"]["width"] == 64 and rows["b.tar/001"]["url"] == "http://x/1"
-    assert rows["b.tar/000"]["meta_width"] is None and rows["a.tar/000"]["url"] is None
-    assert rows["b.tar/001"]["mixed"] == "[1]" and rows["c.tar/000"]["mixed"] == '"text"'  # mixed types: JSON text
+    assert rows["a.tar/001"]["tags"] == "[1]" and rows["a.tar/001"]["meta_extra"] is None
+    assert rows["b.tar/001"]["punsafe"] == 1.0 and rows["b.tar/001"]["note"] == "n"
+    assert json.loads(rows["b.tar/001"]["meta_extra"]) == {"url": "http://x/1"}  # a field the schema lacks
+    c = rows["c.tar/000"]  # values their columns cannot hold
+    assert c["punsafe"] is None and c["meta_width"] is None and c["tags"] == '"t"'
+    assert json.loads(c["meta_extra"]) == {"punsafe": "n/a", "width": 1.5}
+    files_listed = [f["path"] for f in w.write_manifest({})["files"]]
+    assert [f for f in files_listed if f.startswith("shards/")] == [r["shards_file"] for r in records[1:]]
+    assert [f for f in files_listed if f.startswith("rejects/")] == [r["rejects_file"] for r in records]
+
+
+def test_resume_keeps_the_metadata_schema(tmp_path):
+    w = _writer(tmp_path, target_file_mb=1e-9)
+    w.add(_table(_rows("a.tar", 1, meta=lambda i: {"punsafe": 0.5})))
+    w.close()
+    w = _writer(tmp_path, target_file_mb=1e-9)
+    w.recover()
+    w.add(_table(_rows("b.tar", 1, meta=lambda i: {"url": "u"})))
+    w.close()
+    files = sorted((tmp_path / "shards").glob("*.parquet"))
+    assert len({pq.read_schema(f).remove_metadata() for f in files}) == 1
 
 
 def test_a_part_whose_committed_file_is_gone_is_reported(tmp_path):
