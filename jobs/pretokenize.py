@@ -25,9 +25,18 @@ from pipelines.pretokenize import PretokenizeConfig, run
 from pipelines.tracking import log_pretokenize_run
 from tokenflow.config import load_config
 
+DEFAULTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines/configs/pretokenize.yaml"
+)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with open(DEFAULTS) as fh:
+        epilog = f"Every config field, with its default ({os.path.relpath(DEFAULTS)}; change any with --set):\n\n"
+        epilog += fh.read()
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML file of PretokenizeConfig fields (pipelines/configs/pretokenize.yaml)")
     p.add_argument("--input", action="append", help="input shards, dirs, globs or brace ranges; repeatable")
     p.add_argument("--output", help="output root (path or s3:// URI)")

@@ -81,6 +81,8 @@ class PretokenizeConfig:
     (Decoding runs in the read tasks, and a model-bound stage should use the cores the reads leave idle.)"""
     device: str = "auto"
     """auto (CUDA when the actor has a GPU), cpu or cuda."""
+    precision: str = "auto"
+    """Tokenizer weights: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; the quantizer's search is always fp32."""
     progress_every_s: float = 30.0
     """Seconds between one-line progress summaries."""
 
@@ -91,6 +93,8 @@ class PretokenizeConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.target_file_mb <= 0 or self.row_group_mb <= 0:
             raise ValueError("target_file_mb and row_group_mb must be > 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
         if self.dedup_partitions < 0:
             raise ValueError("dedup_partitions must be >= 0")
 
@@ -339,6 +343,7 @@ def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Pre
         fn_constructor_kwargs={
             "tokenizer": cfg.tokenizer,
             "device": cfg.device,
+            "precision": cfg.precision,
             "threads": None if use_gpu else threads,
             "storage_options": cfg.storage_options,
         },

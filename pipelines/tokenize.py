@@ -1,8 +1,8 @@
 """The tokenize stage: a callable class for a Ray Data actor pool, holding one `tokenflow.Tokenizer`.
 
 Reads the `pixels` column (uint8 S x S x 3 bytes, null for rejected rows) and writes `tokens` (the flattened
-scale-major indices as bytes of `token_dtype`, null for rejected rows); drops `pixels`. On a GPU the model runs
-in bf16 except the quantizer, which always runs in fp32 (a bf16 argmin flips tokens).
+scale-major indices as bytes of `token_dtype`, null for rejected rows); drops `pixels`. On a GPU (precision
+"auto") the model runs in bf16 except the quantizer, which always runs in fp32 (a bf16 argmin flips tokens).
 """
 
 from __future__ import annotations
@@ -49,21 +49,32 @@ def resolve_device(device: str) -> torch.device:
 def pixels_to_tensor(pixels: list[bytes], size: int, device: torch.device) -> torch.Tensor:
     """Stage-column pixels (uint8 size x size x 3 bytes each) -> float32 (B, 3, size, size) in [0, 1]."""
     arr = np.stack([np.frombuffer(p, dtype=np.uint8) for p in pixels]).reshape(len(pixels), size, size, 3)
-    return torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).float().div(255.0)
+    # contiguous NCHW like tokenflow.image.to_tensor: a channels-last view selects other conv kernels, whose bf16
+    # rounding flipped 17% of a tiny model's tokens against the same values in NCHW
+    return torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).contiguous().float().div(255.0)
 
 
 class TokenizeStage:
     """Ray Data actor: pixels -> tokens for a batch (dict of numpy arrays)."""
 
     def __init__(
-        self, tokenizer: str, *, device: str = "auto", threads: int | None = None, storage_options: dict | None = None
+        self,
+        tokenizer: str,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+        storage_options: dict | None = None,
     ):
         self.device = resolve_device(device)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         if self.device.type == "cpu" and threads:
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); a model-bound CPU stage wants the node's cores
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.tok = load_tokenizer(tokenizer, storage_options=storage_options).to(self.device)
-        if self.device.type == "cuda":
+        if self.bf16:
             self.tok.model.to(torch.bfloat16)
             self.tok.model.quantizer.float()  # codebooks stay fp32; the quantizer casts its input to fp32 too
         self.size = self.tok.config.image_size
@@ -76,7 +87,7 @@ class TokenizeStage:
         if keep:
             x = pixels_to_tensor([pixels[i] for i in keep], self.size, self.device)
             x = x.mul(2.0).sub(1.0)  # the same arithmetic as tokenflow.image.to_tensor
-            if self.device.type == "cuda":
+            if self.bf16:
                 x = x.to(torch.bfloat16)
             ids = self.tok.encode(x).reshape(len(keep), -1).cpu().numpy().astype(self.dtype)
             for j, i in enumerate(keep):

@@ -4,13 +4,16 @@ exactly one row, tokens equal a clean run's, and readers never saw a partial or 
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 from skimage import data
 
@@ -41,8 +44,10 @@ def _corpus(root: Path) -> None:
                     tf.addfile(info, io.BytesIO(blob))
 
 
-def _run(corpus: Path, out: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}  # a private Ray per run
+def _run(corpus: Path, out: Path, ray_tmp: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    # a private Ray per run, whose files (ray_current_cluster included) a SIGKILL leaves in ray_tmp, not in
+    # /tmp/ray where they would send the next `ray.init()` on this machine to a dead cluster
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
     env.pop("TOKENFLOW_FAILPOINT", None)
     if failpoint:
         env["TOKENFLOW_FAILPOINT"] = failpoint
@@ -75,18 +80,25 @@ def _visible(out: Path) -> tuple[dict, dict]:
     return kept, rejects
 
 
-def test_kill_9_at_commit_steps_then_resume(tmp_path):
+@pytest.fixture()
+def ray_tmp():
+    path = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_kill_9_at_commit_steps_then_resume(tmp_path, ray_tmp):
     corpus = tmp_path / "corpus"
     _corpus(corpus)
     out = tmp_path / "out"
     # mid-stream with a part open and one committed; between the commit record and the moves; between the moves
     # (every step is covered in-process by tests/unit/test_writer.py; this is the real SIGKILL of a Ray driver)
     for point in ["shard_joined_part:2", "part_recorded:1", "part_half_moved:1"]:
-        killed = _run(corpus, out, failpoint=point)
+        killed = _run(corpus, out, ray_tmp, failpoint=point)
         assert killed.returncode == -signal.SIGKILL, f"{point}: rc {killed.returncode}\n{killed.stdout}"
         assert not (out / "manifest.json").exists()
         _visible(out)
-    final = _run(corpus, out)
+    final = _run(corpus, out, ray_tmp)
     assert final.returncode == 0, final.stdout
     kept, rejects = _visible(out)
 

@@ -1,7 +1,11 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
+import yaml
 
 from pipelines.pretokenize import PretokenizeConfig
-from tokenflow.config import TokenizerConfig, load_config, preset
+from tokenflow.config import TokenizerConfig, load_config, preset, to_dict
 
 
 def test_yaml_then_dotted_overrides(tmp_path):
@@ -27,3 +31,11 @@ def test_tokenizer_config_round_trips_through_a_dict():
     for name in ("tiny", "clipb_256", "siglip_384", "unitok"):
         cfg = preset(name)
         assert TokenizerConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_the_pretokenize_yaml_documents_every_field_with_its_default():
+    path = str(Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "pretokenize.yaml")
+    with open(path) as fh:
+        documented = yaml.safe_load(fh)
+    assert [f.name for f in dataclasses.fields(PretokenizeConfig) if f.name not in documented] == []
+    assert to_dict(load_config(PretokenizeConfig, path, [])) == to_dict(PretokenizeConfig())
