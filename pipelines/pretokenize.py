@@ -260,6 +260,7 @@ def run(cfg: PretokenizeConfig) -> dict:
             manifest = writer.write_manifest({**extra, "wall_time_s": None})
         return {**manifest, "nothing_to_do": True}  # the flag is for the caller; the file is left as it was
     log.info("%d of %d shards to process (%d already committed)", len(pending), len(shards), len(done))
+    writer.remove_manifest()  # written again at the end; until then the commit records are the truth
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)

@@ -118,7 +118,7 @@ class MetaSchema:
             return isinstance(v, bool), v if isinstance(v, bool) else None
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if kind == "int64":
-            ok = number and float(v).is_integer() and abs(v) < 2**63
+            ok = number and abs(v) < 2**63 and float(v).is_integer()  # (abs first: huge ints overflow float())
             return ok, int(v) if ok else None
         if kind == "float64":
             return number, float(v) if number else None
@@ -141,8 +141,9 @@ class MetaSchema:
                 if not ok:
                     rest[name] = m[name]
             extra.append(json.dumps(rest, sort_keys=True) if rest else None)
+        taken = {*core, self.EXTRA}
         cols = {
-            (name if name not in core else f"meta_{name}"): pa.array(values, self._ARROW[self.fields[name]])
+            (name if name not in taken else f"meta_{name}"): pa.array(values, self._ARROW[self.fields[name]])
             for name, values in out.items()
         }
         cols[self.EXTRA] = pa.array(extra, pa.string())
@@ -366,6 +367,12 @@ class ShardWriter:
             return None
         with self.fs.open(path, "r") as fh:
             return json.load(fh)
+
+    def remove_manifest(self) -> None:
+        """Drop the manifest of an earlier run: while shards are added it would describe an outdated output."""
+        path = f"{self.root}/manifest.json"
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
     def write_manifest(self, extra: dict) -> dict:
         """Aggregate every commit record into OUTPUT/manifest.json and return it."""

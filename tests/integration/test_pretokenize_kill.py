@@ -91,6 +91,8 @@ def test_kill_9_at_commit_steps_then_resume(tmp_path, ray_tmp):
     corpus = tmp_path / "corpus"
     _corpus(corpus)
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"counts": "from an earlier run"}')  # must not outlive a new run's start
     # mid-stream with a part open and one committed; between the commit record and the moves; between the moves
     # (every step is covered in-process by tests/unit/test_writer.py; this is the real SIGKILL of a Ray driver)
     for point in ["shard_joined_part:2", "part_recorded:1", "part_half_moved:1"]:

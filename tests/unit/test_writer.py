@@ -238,3 +238,15 @@ def test_a_part_whose_committed_file_is_gone_is_reported(tmp_path):
     (tmp_path / "shards" / f"{name}.parquet").unlink()
     with pytest.raises(RuntimeError, match="committed in _progress/.* but missing"):
         _writer(tmp_path).recover()
+
+
+def test_meta_schema_edge_values():
+    from pipelines.writer import MetaSchema
+
+    schema = MetaSchema()
+    cols = schema.columns([{"n": 1, "meta_extra": "x", "f": 0.5}], core=["key"])
+    assert schema.fields == {"f": "float64", "meta_extra": "string", "n": "int64"}
+    assert sorted(cols) == ["f", "meta_extra", "meta_meta_extra", "n"]  # an input field never hides meta_extra
+    cols = schema.columns([{"n": 2**70, "f": float("inf")}, {"n": 3.0, "f": True}], core=["key"])
+    assert cols["n"].to_pylist() == [None, 3] and cols["f"].to_pylist() == [float("inf"), None]
+    assert [json.loads(e) for e in cols["meta_extra"].to_pylist()] == [{"n": 2**70}, {"f": True}]
