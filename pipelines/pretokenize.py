@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -205,8 +206,6 @@ def filter_batch(batch: pa.Table, *, filters: FilterConfig, preprocess: Preproce
 def run(cfg: PretokenizeConfig) -> dict:
     """Run (or resume) the job; returns the manifest. Starts a local Ray unless one is running or RAY_ADDRESS
     points at a cluster."""
-    import ray
-
     if not cfg.input or not cfg.output or not cfg.tokenizer:
         raise ValueError("input, output and tokenizer are required")
     t0 = time.time()
@@ -286,8 +285,6 @@ def run(cfg: PretokenizeConfig) -> dict:
 
 def _dedup_index(partitions: int) -> Claim:
     """The job's duplicate index as a claim function: in the driver, or split by digest over Ray actors."""
-    import ray
-
     if partitions == 0:
         return DedupIndex().claim
     # a little CPU so the actors land on worker nodes, never on a head started with num-cpus 0
@@ -308,8 +305,6 @@ def _dedup_index(partitions: int) -> Claim:
 
 
 def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Preprocess):
-    import ray
-
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 0))
     use_gpu = gpus > 0 and cfg.device != "cpu"
