@@ -143,6 +143,10 @@ class SemanticEncoderConfig:
     """Width of the CLIP projection (`proj`), i.e. of the teacher target when teacher_proj is True."""
     quick_gelu: bool = False
     """QuickGELU activations (OpenAI CLIP's; open_clip's ViT-B-16 otherwise builds with exact GELU)."""
+    gelu_tanh: bool = False
+    """Tanh-approximate GELU in the tower's MLPs: SigLIP's own activation (`gelu_pytorch_tanh` in transformers,
+    which the official TokenFlow-XL runs), where open_clip's timm SO400M build uses exact GELU. The two differ
+    by up to 5e-4 per activation, enough over 26 blocks to change tokens of released weights."""
     feature_layer: int = -1
     """-1: final tokens after ln_post (CLIP); -2: output of the second-to-last block, no norm (SigLIP)."""
     input_norm: Literal["none", "clip", "siglip"] = "none"
@@ -226,15 +230,64 @@ class QuantizerConfig:
 
 @dataclass(kw_only=True)
 class UniTokConfig:
-    """The ViT encoder/decoder around UniTok's multi-codebook quantizer."""
+    """UniTok's ViTamin encoder / decoder and attention projections around its multi-codebook quantizer.
 
-    patch_size: int = 16
+    The defaults are the released tokenizer (ViTamin-L, `vitamin_large` in the official `models/vitamin.py`, as
+    `models/unitok.py` configures it; ref A1.2, A1.3, A1.5). Module names mirror the official ones
+    (`tokenflow.encoders.vitamin`), so its weights load as `"model." + official key`.
+    """
+
     width: int = 1024
+    """Transformer width of the encoder and decoder (ref A1.2)."""
     encoder_layers: int = 31
     decoder_layers: int = 31
+    """The decoder is a second `vitamin_large` of which only the blocks and final norm are kept (ref A1.5)."""
     heads: int = 16
+    """Attention heads of the transformer blocks (head width 64)."""
     mlp_ratio: float = 2.0
-    """UniTok's ViTamin-L blocks use a GeGLU MLP of hidden width 2 x 1024; ours is a plain GELU MLP."""
+    """GeGLU MLP hidden width = mlp_ratio * width (2,048): its own LayerNorm, gelu_tanh(w0 x) * w1 x, w2."""
+    stem_widths: tuple[int, int] = (160, 320)
+    """Conv backbone widths: the stem and MBConv stage 1 (160), MBConv stage 2 (320) (ViTamin-L `embed_dim`)."""
+    stage_depths: tuple[int, int] = (2, 4)
+    """MBConv blocks per encoder stage; the first block of each stage has stride 2 (ref A1.2)."""
+    expand_ratio: float = 4.0
+    """MBConv / inverted MBConv expansion: mid width make_divisible(4 * out) = 640, 1,280."""
+    pool_stride: int = 2
+    """Stride of the backbone's final `pool` conv (320 -> width) and the upsampling factor of the decoder's
+    `up_conv1`: 2 in ViTamin (total stride 16 = stem 2 x stages 2 x 2 x pool 2). The tiny preset uses 1 to keep
+    an 8 x 8 grid at 64 px; nothing else in the architecture changes with it."""
+    proj_heads: int = 16
+    """Heads of `quant_proj` / `post_quant_proj` (the official code uses width // code_dim = 16: the down
+    projection averages 16 heads of 64 = code_dim dims, ref A1.3)."""
+    proj_mlp_ratio: float = 2.0
+    """GeGLU hidden width of the projections = proj_mlp_ratio * their output width (128 / 2,048)."""
+    upsampler_widths: tuple[int, int] = (320, 160)
+    """Widths of the decoder's `up_conv2` and `up_conv3` inverted-MBConv stages (`up_conv1` maps width to the
+    first; `up_conv4` maps the second to RGB) (ref A1.5)."""
+    upsampler_depths: tuple[int, int] = (4, 2)
+    """Inverted-MBConv blocks in `up_conv2` / `up_conv3`; the first of each upsamples x2."""
+    drop_path: float = 0.0
+    """Stochastic-depth rate of the last transformer block, linearly spaced from 0 over the blocks of each side
+    (timm's schedule). Training only; the official recipe trains with 0.1 (`utils/config.py` `drop_path`)."""
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads or self.width % self.proj_heads:
+            raise ValueError(f"width {self.width} must divide by heads {self.heads} and proj_heads {self.proj_heads}")
+        if self.pool_stride not in (1, 2):
+            raise ValueError("pool_stride must be 1 or 2")
+        parts = (self.stem_widths, self.stage_depths, self.upsampler_widths, self.upsampler_depths)
+        if {len(p) for p in parts} != {2}:
+            raise ValueError("ViTamin has exactly two MBConv stages per side (stem_widths, stage_depths, upsampler_*)")
+        if min(self.stage_depths + self.upsampler_depths) < 1:
+            raise ValueError("every MBConv stage needs at least one block")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError("drop_path must be in [0, 1)")
+
+    @property
+    def stride(self) -> int:
+        """Pixels per token side: stem 2 x stage 2 x stage 2 x pool_stride (16 for ViTamin-L); the decoder
+        upsamples by the same factor (up_conv1 pool_stride x up_conv2 2 x up_conv3 2 x up_conv4 2)."""
+        return 8 * self.pool_stride
 
 
 @dataclass(kw_only=True)
@@ -279,8 +332,9 @@ class TokenizerConfig:
             if self.quantizer.kind != "shared":
                 raise ValueError("kind 'tokenflow' needs the shared-mapping quantizer")
         else:
-            if self.image_size // self.unitok.patch_size != g:
-                raise ValueError(f"unitok grid {self.image_size // self.unitok.patch_size} != last scale {g}")
+            stride = self.unitok.stride
+            if self.image_size % stride or self.image_size // stride != g:
+                raise ValueError(f"unitok grid {self.image_size} px / stride {stride} != last scale {g}")
             if self.quantizer.kind != "multi":
                 raise ValueError("kind 'unitok' needs the multi-codebook quantizer")
 
@@ -343,6 +397,7 @@ def siglip_384() -> TokenizerConfig:
             layers=27,
             heads=16,
             output_dim=1152,
+            gelu_tanh=True,
             feature_layer=-2,
             input_norm="siglip",
             teacher_norm="siglip",
@@ -354,7 +409,10 @@ def siglip_384() -> TokenizerConfig:
 
 
 def unitok() -> TokenizerConfig:
-    """UniTok: 8 sub-codebooks of 4,096 eight-dim codes on a 16 x 16 ViT grid at 256 px (ref A1)."""
+    """The released UniTok tokenizer: ViTamin-L encoder (conv stem of stride 16, 31 GeGLU blocks at 1,024),
+    attention projections to a 64-d latent, 8 sub-codebooks of 4,096 eight-dim codes on the 16 x 16 grid at
+    256 px, ViTamin decoder (31 blocks, conv upsampler) (ref A1). 1,170 weight tensors, 695.9 M values: the
+    official tokenizer weights one for one."""
     return TokenizerConfig(
         kind="unitok",
         image_size=256,
@@ -381,13 +439,26 @@ def tiny() -> TokenizerConfig:
 
 
 def tiny_unitok() -> TokenizerConfig:
-    """UniTok's quantizer on a small ViT at 64 px, for tests."""
+    """UniTok's architecture, small, at 64 px for tests: the same modules (conv stem with both MBConv stages,
+    GeGLU blocks, attention projections, conv upsampler) with `pool_stride` 1, so the grid is 64 / 8 = 8 x 8;
+    4 sub-codebooks of 256 x 8 dims (a 32-d latent, 2 projection heads of 32)."""
     return TokenizerConfig(
         kind="unitok",
         image_size=64,
         preprocess=PreprocessConfig(mode="resize_crop", resize_to=72),
         quantizer=QuantizerConfig(kind="multi", codebook_size=256, dims=(8,) * 4, scales=(8,), scale_drop_prob=0.0),
-        unitok=UniTokConfig(patch_size=8, width=64, encoder_layers=2, decoder_layers=2, heads=2),
+        unitok=UniTokConfig(
+            width=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            heads=2,
+            stem_widths=(16, 32),
+            stage_depths=(1, 2),
+            pool_stride=1,
+            proj_heads=2,
+            upsampler_widths=(32, 16),
+            upsampler_depths=(2, 1),
+        ),
     )
 
 

@@ -77,17 +77,22 @@ class Tokenizer(nn.Module):
             state = load_safetensors(fh.read())
         with torch.device("meta"):  # no random init and no download: every weight comes from the file
             tok = cls(config, pretrained=None)
-        _check_state_dict(tok.state_dict(), state, source=_join(path, WEIGHTS_NAME))
+        check_state_dict(tok.state_dict(), state, source=_join(path, WEIGHTS_NAME))
         tok.load_state_dict(state, strict=True, assign=True)
         return tok.to(device).eval()
 
-    def save_pretrained(self, path: str | os.PathLike, *, storage_options: dict | None = None) -> None:
-        """Write `config.json` and `model.safetensors` to a local directory or fsspec URI."""
+    def save_pretrained(
+        self, path: str | os.PathLike, *, storage_options: dict | None = None, provenance: dict | None = None
+    ) -> None:
+        """Write `config.json` and `model.safetensors` to a local directory or fsspec URI. `provenance` (plain
+        values, e.g. the official checkpoint a converted tokenizer came from) is recorded in `config.json`."""
         path, opts = os.fspath(path), storage_options or {}
         fs, root = fsspec.core.url_to_fs(path, **opts)
         fs.makedirs(root, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         payload = {"format_version": FORMAT_VERSION, "config": self.config.to_dict()}
+        if provenance:
+            payload["provenance"] = provenance
         # weights first, config last: a directory with a config.json is complete
         with fs.open(_join(root, WEIGHTS_NAME), "wb") as fh:
             fh.write(save_safetensors(state, metadata={"format": "pt", "tokenflow_format": str(FORMAT_VERSION)}))
@@ -205,7 +210,8 @@ def _with_proj(encoder):
     return enc
 
 
-def _check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], *, source: str) -> None:
+def check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], *, source: str) -> None:
+    """Fail, naming every offending tensor, unless `found` has exactly the keys and shapes of `expected`."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = [

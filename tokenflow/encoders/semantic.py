@@ -41,7 +41,7 @@ def normalize_input(x: Tensor, kind: str) -> Tensor:
 def build_tower(cfg: SemanticEncoderConfig, pretrained: str | None) -> nn.Module:
     """The open_clip vision tower of `cfg`, with weights from `pretrained` (tag or path) or random."""
     if cfg.arch == "custom":
-        act = open_clip.transformer.QuickGELU if cfg.quick_gelu else nn.GELU
+        act = open_clip.transformer.QuickGELU if cfg.quick_gelu else _gelu(cfg.gelu_tanh)
         tower = open_clip.transformer.VisionTransformer(
             image_size=cfg.image_size,
             patch_size=cfg.patch_size,
@@ -64,7 +64,30 @@ def build_tower(cfg: SemanticEncoderConfig, pretrained: str | None) -> nn.Module
     model = open_clip.create_model(
         cfg.arch, pretrained=pretrained, force_quick_gelu=cfg.quick_gelu, device=torch.get_default_device()
     )
+    if cfg.gelu_tanh:
+        _set_gelu_tanh(model.visual)
     return model.visual
+
+
+def _gelu(tanh: bool) -> type[nn.Module]:
+    return GELUTanh if tanh else nn.GELU
+
+
+class GELUTanh(nn.GELU):
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+
+def _set_gelu_tanh(tower: nn.Module) -> None:
+    """Swap every exact GELU of a tower for the tanh approximation (no weights change)."""
+    swapped = 0
+    for module in list(tower.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.GELU) and child.approximate == "none":
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    if not swapped:
+        raise ValueError("gelu_tanh=True but the tower has no exact GELU to replace")
 
 
 def _load_tensors(path: str) -> dict[str, Tensor]:

@@ -1,0 +1,62 @@
+"""Convert a published TokenFlow or UniTok checkpoint into a tokenizer directory this project loads.
+
+    python jobs/convert_checkpoint.py --kind tokenflow --input tokenflow_clipb_32k_enhanced.pt --output tok/clipb_256
+    python jobs/convert_checkpoint.py --kind tokenflow --input s3://models/tokenflow_siglip_32k.pt \\
+        --output s3://models/tokenizers/siglip_384
+    python jobs/convert_checkpoint.py --kind unitok --input unitok_tokenizer.pth --output tok/unitok
+
+The preset is recognised from the file (clipb_256 for the enhanced-decoder clipb file, siglip_384 for
+TokenFlow-XL, unitok); `--preset` forces one. The output (`config.json` + `model.safetensors`, with the source's
+sha256 in config.json) is what `jobs/pretokenize.py --tokenizer` and `Tokenizer.from_pretrained` take. The file is
+read with torch.load(weights_only=True): a checkpoint that needs any other class unpickled is refused, and one
+whose tensors do not map exactly onto the preset fails with the list of missing and unexpected keys.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import json
+
+from tokenflow.config import PRESETS
+from tokenflow.convert import convert_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", required=True, choices=("tokenflow", "unitok"), help="which official code wrote it")
+    p.add_argument("--input", required=True, help="official checkpoint: local path or fsspec URI (s3://...)")
+    p.add_argument("--output", required=True, help="tokenizer directory to write: local path or URI")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="force a preset instead of detecting it")
+    p.add_argument(
+        "--storage-options",
+        default=None,
+        help='JSON fsspec options for --input/--output URIs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'',
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = json.loads(args.storage_options) if args.storage_options else None
+    try:
+        tok = convert_checkpoint(
+            args.kind, args.input, args.output, preset_name=args.preset, storage_options=options
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"convert_checkpoint: {err}", file=sys.stderr)
+        return 2
+    n = sum(t.numel() for t in tok.state_dict().values())
+    print(
+        f"wrote {args.output}: {args.kind} -> {tok.config.image_size} px, {tok.tokens_per_image} tokens per image, "
+        f"{n:,} weights, fingerprint {tok.fingerprint()}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
