@@ -8,10 +8,18 @@ Module names follow the taming layout so checkpoints map one-to-one.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenflow.config import PixelCNNConfig
+
+
+def swish(x: Tensor) -> Tensor:
+    """SiLU of a fresh normalisation output, in place when no gradient is recorded: the 256 px activations are
+    0.27 GB per 8 images, and not allocating a second one each time saves ~8% of an encode (bench/parity.py)
+    with bit-identical values. With autograd on, SiLU must keep its input for the backward pass."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -29,9 +37,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        return h.add_(self.nin_shortcut(x))  # in place on a fresh conv output: autograd-safe, same values
 
 
 class AttnBlock(nn.Module):
@@ -50,7 +58,7 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(n), self.k(n), self.v(n)))
         out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, hw, C)
-        return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
+        return self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)).add_(x)
 
 
 class Downsample(nn.Module):
@@ -127,7 +135,7 @@ class PixelEncoder(nn.Module):
                 h = level.downsample(h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class PixelDecoder(nn.Module):
@@ -173,7 +181,7 @@ class PixelDecoder(nn.Module):
             h = level(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 def count_parameters(module: nn.Module) -> int:
