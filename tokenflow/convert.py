@@ -209,9 +209,13 @@ def detect_preset(kind: str, state: dict[str, Tensor]) -> str:
         conv_out = state.get("decoder.conv_out.weight")
         enhanced = conv_out is not None and conv_out.shape[1] == 256
         return "clipb_256" if enhanced else "clipb_224"
+    if any(k.startswith("encoder_vqkd.") for k in state):
+        raise ValueError(
+            "a TokenFlow checkpoint with a semantic encoder this project has no preset for (supported: the CLIP "
+            "ViT-B/16 tokenizers and TokenFlow-XL's SigLIP; TokenFlow-L's ViTamin-XL is not one yet)"
+        )
     raise ValueError(
-        "not a TokenFlow checkpoint this project knows: no CLIP (encoder_vqkd.conv1) or SigLIP "
-        "(encoder_vqkd.vision_model.*) semantic encoder found"
+        "not a TokenFlow checkpoint: no semantic encoder (encoder_vqkd.*) found; for UniTok use kind 'unitok'"
     )
 
 

@@ -16,7 +16,9 @@ with a published checkpoint depends on feeding it exactly the pixels it was trai
 from __future__ import annotations
 
 import io
+import math
 import os
+import random
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -270,17 +272,43 @@ class Preprocess:
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     """TokenFlow's `center_crop_arr` (from ADM / LlamaGen), step for step."""
-    # Halve with a box filter while the image is at least twice the target: cheap, alias-free downscaling
-    # before the final bicubic step.
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    # Written as `round(x * scale)` like the original (not `round(x * size / short)`): the float rounding at
-    # exact .5 ties must match for token parity.
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    img = resize_short_side(img, size)
     w, h = img.size
     top, left = (h - size) // 2, (w - size) // 2
     return img.crop((left, top, left + size, top + size))
+
+
+def resize_short_side(img: Image.Image, short: int) -> Image.Image:
+    """ADM's resize, as TokenFlow uses it: halve with a box filter while the image is at least twice the
+    target (cheap, alias-free downscaling), then one bicubic resize so the short side is `short`."""
+    while min(img.size) >= 2 * short:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    # Written as `round(x * scale)` like the original (not `round(x * short / min)`): the float rounding at
+    # exact .5 ties must match for token parity.
+    scale = short / min(img.size)
+    return img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+
+
+def random_crop(
+    img: Image.Image, size: int, rng: random.Random, min_crop_frac: float = 0.8, max_crop_frac: float = 1.0
+) -> Image.Image:
+    """TokenFlow's training augmentation (`random_crop_arr`, from ADM): resize so the short side is a random
+    integer in [ceil(size / max_crop_frac), ceil(size / min_crop_frac)] (256..320 for 256 px), then take a
+    random size x size crop. The draws come from `rng` in the official order (short side, top, left), so a
+    seeded `random.Random` replays a run exactly, e.g. after resuming from a checkpoint."""
+    if not 0.0 < min_crop_frac <= max_crop_frac <= 1.0:
+        raise ValueError(f"need 0 < min_crop_frac <= max_crop_frac <= 1, got {min_crop_frac}, {max_crop_frac}")
+    lo, hi = math.ceil(size / max_crop_frac), math.ceil(size / min_crop_frac)
+    img = resize_short_side(img, rng.randrange(lo, hi + 1))
+    w, h = img.size
+    top, left = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_flip(img: Image.Image, rng: random.Random, p: float = 0.5) -> Image.Image:
+    """Mirror left-right with probability p (torchvision `RandomHorizontalFlip`, which the official training
+    applies after `random_crop`)."""
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img
 
 
 def pad_to_square(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:

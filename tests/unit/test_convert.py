@@ -124,8 +124,10 @@ def test_dropped_constants_are_checked():
 
 
 def test_detect_preset_and_kind_errors():
-    with pytest.raises(ValueError, match="not a TokenFlow checkpoint"):
-        detect_preset("tokenflow", {"foo.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="not a TokenFlow checkpoint: .* use kind 'unitok'"):
+        detect_preset("tokenflow", {"encoder.blocks.0.norm1.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="no preset for .* ViTamin-XL is not one yet"):
+        detect_preset("tokenflow", {"encoder_vqkd.stem.conv1.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="unknown checkpoint kind"):
         convert_state_dict("vqgan", {})
     with pytest.raises(ValueError, match="is a tokenflow tokenizer, not unitok"):

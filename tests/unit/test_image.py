@@ -6,6 +6,7 @@ lossy steps (JPEG, colour-management transforms, alpha blending at partial opaci
 
 import io
 import pickle
+import random
 import struct
 import zlib
 
@@ -20,6 +21,9 @@ from tokenflow.image import (
     ImageError,
     Preprocess,
     load_image,
+    random_crop,
+    random_flip,
+    resize_short_side,
     to_pil,
     to_rgb,
     to_tensor,
@@ -415,6 +419,40 @@ def test_center_crop_matches_reference():
 def test_center_crop_offset_floors():
     out = Preprocess(256, mode="center_crop").apply(coded(256, 299))  # no resize; 43 spare rows
     assert out.getpixel((0, 0)) == (21, 0, 0)  # (299 - 256) // 2
+
+
+def test_random_crop_follows_the_official_draws():
+    """Short side drawn from [256, 320] first, then top, then left, all from the given generator: a replay of
+    the same seed reproduces the crop, which is what resuming a training run relies on."""
+    img = Image.fromarray(data.astronaut()).resize((1100, 600), Image.BICUBIC)
+    for seed in range(5):
+        out = random_crop(img, 256, random.Random(seed))
+        replay = random.Random(seed)
+        short = replay.randrange(256, 321)
+        resized = resize_short_side(img, short)
+        top, left = replay.randrange(resized.height - 255), replay.randrange(resized.width - 255)
+        assert np.array_equal(np.asarray(out), np.asarray(resized.crop((left, top, left + 256, top + 256))))
+
+
+def test_random_crop_sizes_and_edge_cases():
+    rng = random.Random(0)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    crops = {np.asarray(random_crop(img, 64, rng)).tobytes() for _ in range(20)}
+    assert len(crops) == 20  # every draw a different crop
+    assert all(random_crop(img, 64, rng, min_crop_frac=0.5).size == (64, 64) for _ in range(20))
+    # no slack (crop fraction 1, image already the target size): the whole image, unchanged
+    same = random_crop(coded(64, 64), 64, random.Random(1), min_crop_frac=1.0)
+    assert np.array_equal(np.asarray(same), np.asarray(coded(64, 64)))
+    with pytest.raises(ValueError, match="min_crop_frac"):
+        random_crop(img, 64, rng, min_crop_frac=0.0)
+
+
+def test_random_flip_mirrors_with_probability_half():
+    img = coded(8, 4)
+    flips = [random_flip(img, random.Random(seed)).getpixel((0, 0))[1] == 7 for seed in range(400)]
+    assert 150 < sum(flips) < 250
+    assert np.array_equal(np.asarray(random_flip(img, random.Random(0), p=1.0))[:, ::-1], np.asarray(img))
+    assert random_flip(img, random.Random(0), p=0.0) is img
 
 
 def test_pad_fills_with_pad_fill():
