@@ -98,6 +98,24 @@ class QuantizerOutput:
     """(P,) mean squared distance of each normalised code part to its chosen code (the sem/pix balance)."""
 
 
+class Codebook(nn.Module):
+    """A (K, d) table of codes; calling it gives the l2-normalised rows in fp32, which is how every lookup
+    reads it. A module call rather than a bare `.weight` read, so that ZeRO-3 gathers the partitioned table
+    around it in forward and backward."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size, dim))
+        nn.init.normal_(self.weight)  # what nn.Embedding drew first: keeps seeded random inits unchanged
+        # ref 1.6: uniform(-1/K, 1/K), then each row l2-normalised; rows are renormalised at every use.
+        nn.init.uniform_(self.weight, -1.0 / size, 1.0 / size)
+        with torch.no_grad():
+            self.weight.copy_(F.normalize(self.weight, dim=-1))
+
+    def forward(self) -> Tensor:
+        return F.normalize(self.weight.float(), dim=-1)
+
+
 class CosineQuantizer(nn.Module):
     """Cosine quantizer over channel groups; `kind` "shared" = TokenFlow shared mapping, "multi" = UniTok."""
 
@@ -105,12 +123,7 @@ class CosineQuantizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dims = tuple(cfg.dims)
-        self.codebooks = nn.ModuleList(nn.Embedding(cfg.codebook_size, d) for d in self.dims)
-        for emb in self.codebooks:
-            # ref 1.6: uniform(-1/K, 1/K), then each row l2-normalised; rows are renormalised at every use.
-            nn.init.uniform_(emb.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
-            with torch.no_grad():
-                emb.weight.copy_(F.normalize(emb.weight, dim=-1))
+        self.codebooks = nn.ModuleList(Codebook(cfg.codebook_size, d) for d in self.dims)
         # Weights of the parts in the shared search: (1, w) for (semantic, pixel).
         self.part_weights = (1.0, cfg.pixel_weight) if cfg.kind == "shared" else (1.0,) * len(self.dims)
 
@@ -119,7 +132,7 @@ class CosineQuantizer(nn.Module):
         return sum(self.dims)
 
     def normalized_codebooks(self) -> list[Tensor]:
-        return [F.normalize(emb.weight.float(), dim=-1) for emb in self.codebooks]
+        return [book() for book in self.codebooks]
 
     def lookup(self, z: Tensor) -> Tensor:
         """Indices for raw (unnormalised) vectors z: (N, C) -> (N,) shared or (N, M) multi."""

@@ -57,8 +57,9 @@ class TrainStep:
         self.gen.step()
 
         d_loss, d_log = self.loss_fn.discriminator_loss(pixels, x_hat, step)
-        self.disc.backward(d_loss)  # a zero leaf before disc_start: the engines stay in step
-        self.disc.step()
+        if self.loss_fn.gan_weight_at(step) > 0:  # before disc_start D neither runs nor steps (its schedule
+            self.disc.backward(d_loss)  # and accumulation start at its first real update, on a step boundary)
+            self.disc.step()
 
         metrics = {f"loss/{k}": v for k, v in log.items() if k != "gan_weight"}
         metrics.update({f"disc/{k}": v for k, v in d_log.items() if k != "gan_weight"})
