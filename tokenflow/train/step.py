@@ -11,6 +11,7 @@ generator engine wraps the tokenizer, the discriminator engine wraps `loss_fn.di
   partitions by hooks); the discriminator then gets its own forward on detached reconstructions.
 - Decoder stages run encoder and quantizer under no_grad and compute only the pixel losses (reconstruction,
   perceptual, GAN): no teacher forward, no semantic decoder, no VQ loss, as the stage trains nothing else.
+  The quantizer's random scale drop stays on in training mode, as in the official decoder fine-tuning.
 """
 
 from __future__ import annotations
