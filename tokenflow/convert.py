@@ -24,13 +24,14 @@ list, so a changed layout is never loaded partially.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
@@ -50,17 +51,25 @@ def load_official(path: str | os.PathLike, *, storage_options: dict | None = Non
     """The unpickled object of an official checkpoint (local path or fsspec URI), read with weights_only=True.
 
     Remote files are copied to a local temporary file first so they can be memory-mapped like local ones."""
+    with local_copy(path, storage_options) as local:
+        return _torch_load(local, source=os.fspath(path))
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike, storage_options: dict | None = None) -> Iterator[str]:
+    """A local path for `path`: the file itself when local, else a temporary copy that lives for the block."""
     path = os.fspath(path)
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     if not fs.exists(root):
         raise FileNotFoundError(f"no checkpoint at {path}")
     if "file" in fs.protocol:
-        return _torch_load(root, source=path)
+        yield root
+        return
     with tempfile.TemporaryDirectory(prefix="tokenflow-convert-") as tmp:
         local = os.path.join(tmp, os.path.basename(root) or "checkpoint.pt")
         with fs.open(root, "rb") as src, open(local, "wb") as dst:
             shutil.copyfileobj(src, dst, length=16 << 20)
-        return _torch_load(local, source=path)
+        yield local
 
 
 def _torch_load(local: str, *, source: str) -> dict[str, Any]:
@@ -303,18 +312,20 @@ def convert_checkpoint(
     """Read an official checkpoint, convert it, and write a `save_pretrained` directory to `output` (local or
     fsspec URI), recording the source file's name and sha256 in `config.json`. Returns the tokenizer."""
     source = os.fspath(source)
-    checkpoint = load_official(source, storage_options=storage_options)
+    with local_copy(source, storage_options) as local:  # a remote file is downloaded once for both
+        checkpoint = _torch_load(local, source=source)
+        digest = _sha256(local)
     tok = tokenizer_from_official(
         kind, official_weights(kind, checkpoint, source=source), preset_name=preset_name
     )
-    provenance = {"converted_from": source, "sha256": _sha256(source, storage_options), "kind": kind}
+    provenance = {"converted_from": source, "sha256": digest, "kind": kind}
     tok.save_pretrained(output, storage_options=storage_options, provenance=provenance)
     return tok
 
 
-def _sha256(path: str, storage_options: dict | None) -> str:
+def _sha256(local: str) -> str:
     h = hashlib.sha256()
-    with fsspec.open(path, "rb", **(storage_options or {})) as fh:
+    with open(local, "rb") as fh:
         while chunk := fh.read(16 << 20):
             h.update(chunk)
     return h.hexdigest()

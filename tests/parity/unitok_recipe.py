@@ -19,19 +19,13 @@ import math
 
 import torch
 
+from tokenflow.config import QuantizerConfig, TokenizerConfig, UniTokConfig, preset
+from tokenflow.encoders.vitamin import make_divisible
+
 Shapes = dict[str, tuple[int, ...]]
 
-WIDTH = 1024  # ViTamin-L transformer width, in both encoder and decoder
-DEPTH = 31  # transformer blocks in the encoder and again in the decoder
-MLP_HIDDEN = 2 * WIDTH  # GeGLU hidden width (mlp_ratio 2)
-STEM = (160, 320)  # conv stem widths: stem + stage 0, stage 1
-STAGE_DEPTHS = (2, 4)  # MBConv blocks per stem stage; the decoder mirrors this with (4, 2) InvMBConv blocks
-EXPAND = 4  # MBConv expansion (mid = out * 4, already divisible by 8)
-LATENT = 64  # vocab_width: the quantised latent per position
-NUM_CODEBOOKS = 8  # 8 sub-codebooks of 8 dims each
-CODEBOOK_SIZE = 32_768 // NUM_CODEBOOKS  # 4096 entries per sub-codebook
-HEADS = WIDTH // LATENT  # 16 heads in both attention projections
-CLIP_DIM = 768  # embed_dim of the CLIP heads
+# The CLIP half of UniTok (not part of the tokenizer; fixed sizes: open_clip text tower, 768-d joint space).
+CLIP_DIM = 768
 TEXT_WIDTH, TEXT_LAYERS, TEXT_VOCAB, TEXT_CONTEXT = 768, 12, 49_408, 77
 
 
@@ -58,18 +52,18 @@ def geglu_mlp(o: Shapes, p: str, d: int, hidden: int) -> None:
     _linear(o, p + ".w2", hidden, d)
 
 
-def vit_block(o: Shapes, p: str) -> None:
+def vit_block(o: Shapes, p: str, u: UniTokConfig) -> None:
     """A timm 1.0.8 `Block` with packed qkv (full bias) and the GeGLU MLP."""
-    _norm(o, p + ".norm1", WIDTH)
-    _linear(o, p + ".attn.qkv", WIDTH, 3 * WIDTH)
-    _linear(o, p + ".attn.proj", WIDTH, WIDTH)
-    _norm(o, p + ".norm2", WIDTH)
-    geglu_mlp(o, p + ".mlp", WIDTH, MLP_HIDDEN)
+    _norm(o, p + ".norm1", u.width)
+    _linear(o, p + ".attn.qkv", u.width, 3 * u.width)
+    _linear(o, p + ".attn.proj", u.width, u.width)
+    _norm(o, p + ".norm2", u.width)
+    geglu_mlp(o, p + ".mlp", u.width, int(u.width * u.mlp_ratio))
 
 
-def mbconv(o: Shapes, p: str, cin: int, cout: int, stride: int) -> None:
+def mbconv(o: Shapes, p: str, cin: int, cout: int, stride: int, u: UniTokConfig) -> None:
     """`MbConvLNBlock`: a stride-2 block's shortcut is avg-pool (+ 1x1 `expand` when the width changes)."""
-    mid = cout * EXPAND
+    mid = make_divisible(cout * u.expand_ratio)
     if stride == 2 and cin != cout:
         _conv(o, p + ".shortcut.expand", cin, cout, 1)
     elif stride == 1 and cin != cout:
@@ -80,9 +74,9 @@ def mbconv(o: Shapes, p: str, cin: int, cout: int, stride: int) -> None:
     _conv(o, p + ".conv3_1x1", mid, cout, 1)
 
 
-def inv_mbconv(o: Shapes, p: str, cin: int, cout: int, stride: int) -> None:
+def inv_mbconv(o: Shapes, p: str, cin: int, cout: int, stride: int, u: UniTokConfig) -> None:
     """`InvMbConvLNBlock`: a stride-2 block upsamples in the shortcut and in `up` (nearest x2 + 3x3 conv)."""
-    mid = cout * EXPAND
+    mid = make_divisible(cout * u.expand_ratio)
     if stride == 2:
         _conv(o, p + ".shortcut.conv", cin, cout, 3)
     elif cin != cout:
@@ -95,28 +89,29 @@ def inv_mbconv(o: Shapes, p: str, cin: int, cout: int, stride: int) -> None:
     _conv(o, p + ".conv3_1x1", mid, cout, 1)
 
 
-def encoder(o: Shapes) -> None:
-    """timm `VisionTransformer` over the ViTamin-L conv stem (`patch_embed.backbone`), with UniTok's zero
+def encoder(o: Shapes, u: UniTokConfig) -> None:
+    """timm `VisionTransformer` over the ViTamin conv stem (`patch_embed.backbone`), with UniTok's zero
     `pos_embed` and the final `norm`."""
-    o["encoder.pos_embed"] = (1, 1, WIDTH)
+    stem = u.stem_widths
+    o["encoder.pos_embed"] = (1, 1, u.width)
     b = "encoder.patch_embed.backbone"
-    _conv(o, b + ".stem.conv1", 3, STEM[0], 3)
-    _norm(o, b + ".stem.norm1", STEM[0])
-    _conv(o, b + ".stem.conv2", STEM[0], STEM[0], 3)
-    cin = STEM[0]
-    for s, (width, depth) in enumerate(zip(STEM, STAGE_DEPTHS)):
+    _conv(o, b + ".stem.conv1", 3, stem[0], 3)
+    _norm(o, b + ".stem.norm1", stem[0])
+    _conv(o, b + ".stem.conv2", stem[0], stem[0], 3)
+    cin = stem[0]
+    for s, (width, depth) in enumerate(zip(stem, u.stage_depths)):
         for d in range(depth):
-            mbconv(o, f"{b}.stages.{s}.{d}", cin, width, 2 if d == 0 else 1)
+            mbconv(o, f"{b}.stages.{s}.{d}", cin, width, 2 if d == 0 else 1, u)
             cin = width
-    _conv(o, b + ".pool.proj", STEM[1], WIDTH, 3)  # StridedConv registers proj before norm
-    _norm(o, b + ".pool.norm", STEM[1])
-    for i in range(DEPTH):
-        vit_block(o, f"encoder.blocks.{i}")
-    _norm(o, "encoder.norm", WIDTH)
+    _conv(o, b + ".pool.proj", stem[1], u.width, 3)  # StridedConv registers proj before norm
+    _norm(o, b + ".pool.norm", stem[1])
+    for i in range(u.encoder_layers):
+        vit_block(o, f"encoder.blocks.{i}", u)
+    _norm(o, "encoder.norm", u.width)
 
 
-def attn_projection(o: Shapes, p: str, din: int, dout: int) -> None:
-    """`AttnProjection(din, dout, HEADS)`: proj(norm3 x) + attn(norm1 x), then + GeGLU(norm2 .). The attention
+def attn_projection(o: Shapes, p: str, din: int, dout: int, u: UniTokConfig) -> None:
+    """`AttnProjection(din, dout, heads)`: proj(norm3 x) + attn(norm1 x), then + GeGLU(norm2 .). The attention
     has a bias-free qkv of width 3 * max(din, dout), learned q/v biases and a zero k bias buffer."""
     big = max(din, dout)
     _norm(o, p + ".norm1", din)
@@ -128,30 +123,31 @@ def attn_projection(o: Shapes, p: str, din: int, dout: int) -> None:
     _linear(o, p + ".proj", din, dout)
     _norm(o, p + ".norm3", din)
     _norm(o, p + ".norm2", dout)
-    geglu_mlp(o, p + ".mlp", dout, 2 * dout)
+    geglu_mlp(o, p + ".mlp", dout, int(dout * u.proj_mlp_ratio))
 
 
-def quantizer(o: Shapes) -> None:
+def quantizer(o: Shapes, q: QuantizerConfig) -> None:
     """`VectorQuantizerM`: per sub-codebook a usage buffer and the unnormalised codebook."""
-    for k in range(NUM_CODEBOOKS):
-        o[f"quantizer.codebooks.{k}.vocab_usage"] = (CODEBOOK_SIZE,)
-        o[f"quantizer.codebooks.{k}.codebook.weight"] = (CODEBOOK_SIZE, LATENT // NUM_CODEBOOKS)
+    for k, dim in enumerate(q.dims):
+        o[f"quantizer.codebooks.{k}.vocab_usage"] = (q.codebook_size,)
+        o[f"quantizer.codebooks.{k}.codebook.weight"] = (q.codebook_size, dim)
 
 
-def decoder(o: Shapes) -> None:
-    """`ViTaminDecoder`: 31 blocks + norm, then the conv upsampler 16 -> 256 px."""
-    for i in range(DEPTH):
-        vit_block(o, f"decoder.blocks.{i}")
-    _norm(o, "decoder.norm", WIDTH)
-    _conv(o, "decoder.up_conv1.conv", WIDTH, STEM[1], 3)
-    cin = STEM[1]
-    for s, (width, depth) in enumerate(zip(reversed(STEM), reversed(STAGE_DEPTHS)), start=2):
+def decoder(o: Shapes, u: UniTokConfig) -> None:
+    """`ViTaminDecoder`: the blocks + norm, then the conv upsampler (16 -> 256 px for the released model)."""
+    for i in range(u.decoder_layers):
+        vit_block(o, f"decoder.blocks.{i}", u)
+    _norm(o, "decoder.norm", u.width)
+    (w1, w2), stem = u.upsampler_widths, u.stem_widths[0]
+    _conv(o, "decoder.up_conv1.conv", u.width, w1, 3)
+    cin = w1
+    for s, (width, depth) in enumerate(zip(u.upsampler_widths, u.upsampler_depths), start=2):
         for d in range(depth):
-            inv_mbconv(o, f"decoder.up_conv{s}.{d}", cin, width, 2 if d == 0 else 1)
+            inv_mbconv(o, f"decoder.up_conv{s}.{d}", cin, width, 2 if d == 0 else 1, u)
             cin = width
-    _conv(o, "decoder.up_conv4.conv1.conv", STEM[0], STEM[0], 3)  # InvStem
-    _norm(o, "decoder.up_conv4.norm1", STEM[0])
-    _conv(o, "decoder.up_conv4.conv2", STEM[0], 3, 3)
+    _conv(o, "decoder.up_conv4.conv1.conv", w2, stem, 3)  # InvStem
+    _norm(o, "decoder.up_conv4.norm1", stem)
+    _conv(o, "decoder.up_conv4.conv2", stem, 3, 3)
 
 
 def text_tower(o: Shapes) -> None:
@@ -172,17 +168,20 @@ def text_tower(o: Shapes) -> None:
     _norm(o, p + "ln_final", TEXT_WIDTH)
 
 
-def official_shapes() -> Shapes:
-    """Key -> shape of the official `trainer.unitok` state dict, in the official `state_dict()` order."""
+def official_shapes(cfg: TokenizerConfig | None = None) -> Shapes:
+    """Key -> shape of the official `trainer.unitok` state dict, in the official `state_dict()` order, for the
+    released model (default) or the same layout at the sizes of another unitok config (e.g. `tiny_unitok`)."""
+    cfg = cfg or preset("unitok")
+    u, q = cfg.unitok, cfg.quantizer
     o: Shapes = {"logit_scale": ()}
-    encoder(o)
-    attn_projection(o, "quant_proj", WIDTH, LATENT)
-    quantizer(o)
-    attn_projection(o, "post_quant_proj", LATENT, WIDTH)
-    decoder(o)
+    encoder(o, u)
+    attn_projection(o, "quant_proj", u.width, q.code_dim, u)
+    quantizer(o, q)
+    attn_projection(o, "post_quant_proj", q.code_dim, u.width, u)
+    decoder(o, u)
     text_tower(o)
-    _norm(o, "fc_norm", WIDTH)
-    _linear(o, "projection", WIDTH, CLIP_DIM)
+    _norm(o, "fc_norm", u.width)
+    _linear(o, "projection", u.width, CLIP_DIM)
     return o
 
 
@@ -190,7 +189,7 @@ _ZEROS = ("encoder.pos_embed", "zero_k_bias", "vocab_usage")  # constants of the
 _EMBEDDINGS = ("positional_embedding", "token_embedding.weight")
 _BLOCKS = ("encoder.blocks.", "decoder.blocks.")
 _RESIDUAL_OUT = (".attn.proj.weight", ".mlp.w2.weight")  # the last layer of each residual branch of a block
-RESIDUAL_GAIN = 1 / math.sqrt(2 * DEPTH)
+RESIDUAL_GAIN = 1 / math.sqrt(2 * 31)  # 31 blocks on each side of the released model
 
 
 def official_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

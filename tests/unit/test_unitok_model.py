@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.parity.unitok_recipe import official_shapes
 from tokenflow import Tokenizer
 from tokenflow.config import TokenizerConfig, UniTokConfig, preset
 from tokenflow.encoders.vitamin import (
@@ -25,104 +26,20 @@ from tokenflow.encoders.vitamin import (
 )
 
 # --------------------------------------------------------------------------------------------------------------
-# the official tokenizer state dict (UniTok `trainer.unitok`, timm 1.0.8 layout), built by hand from the official
-# models/{unitok,vitamin,vqvae,quant}.py: tokenizer weights only (no text tower, fc_norm, projection, logit_scale,
-# vocab_usage, zero_k_bias, encoder.pos_embed)
+# the official tokenizer state dict (UniTok `trainer.unitok`, timm 1.0.8 layout; tests/parity/unitok_recipe.py),
+# tokenizer weights only (no text tower, fc_norm, projection, logit_scale, vocab_usage, zero_k_bias,
+# encoder.pos_embed)
+
+NOT_TOKENIZER = ("text_encoder.", "fc_norm.", "projection.", "logit_scale")
+STATISTICS_AND_CONSTANTS = ("vocab_usage", "zero_k_bias", "encoder.pos_embed")
 
 
-def official_tokenizer_keys(u: UniTokConfig, code_dim: int = 64, num_codebooks: int = 8, vocab: int = 4096):
-    o: dict[str, tuple[int, ...]] = {}
-
-    def ln(p, c):
-        o[p + ".weight"], o[p + ".bias"] = (c,), (c,)
-
-    def lin(p, i, j, bias=True):
-        o[p + ".weight"] = (j, i)
-        if bias:
-            o[p + ".bias"] = (j,)
-
-    def conv(p, i, j, k, groups=1):
-        o[p + ".weight"], o[p + ".bias"] = (j, i // groups, k, k), (j,)
-
-    def geglu(p, c, h):
-        ln(p + ".norm", c)
-        lin(p + ".w0", c, h)
-        lin(p + ".w1", c, h)
-        lin(p + ".w2", h, c)
-
-    def block(p, d):
-        ln(p + ".norm1", d)
-        lin(p + ".attn.qkv", d, 3 * d)
-        lin(p + ".attn.proj", d, d)
-        ln(p + ".norm2", d)
-        geglu(p + ".mlp", d, int(d * u.mlp_ratio))
-
-    def mbconv(p, i, out, stride):
-        mid = make_divisible(out * u.expand_ratio)
-        if stride == 2 and i != out:
-            conv(p + ".shortcut.expand", i, out, 1)
-        elif stride != 2 and i != out:
-            conv(p + ".shortcut", i, out, 1)
-        ln(p + ".pre_norm", i)
-        conv(p + ".conv1_1x1", i, mid, 1)
-        conv(p + ".conv2_kxk", mid, mid, 3, groups=mid)
-        conv(p + ".conv3_1x1", mid, out, 1)
-
-    def invmb(p, i, out, stride):
-        mid = make_divisible(out * u.expand_ratio)
-        if stride == 2:
-            conv(p + ".shortcut.conv", i, out, 3)
-        elif i != out:
-            conv(p + ".shortcut", i, out, 1)
-        ln(p + ".pre_norm", i)
-        conv(p + ".conv1_1x1", i, mid, 1)
-        if stride == 2:
-            conv(p + ".up.conv", mid, mid, 3)
-        conv(p + ".conv2_kxk", mid, mid, 3, groups=mid)
-        conv(p + ".conv3_1x1", mid, out, 1)
-
-    def attnproj(p, i, j):
-        big = max(i, j)
-        ln(p + ".norm1", i)
-        o[p + ".attn.qkv.weight"] = (3 * big, i)
-        o[p + ".attn.q_bias"], o[p + ".attn.v_bias"] = (big,), (big,)
-        lin(p + ".attn.proj", j, j)
-        lin(p + ".proj", i, j)
-        ln(p + ".norm3", i)
-        ln(p + ".norm2", j)
-        geglu(p + ".mlp", j, int(j * u.proj_mlp_ratio))
-
-    w, (s1, s2), (d1, d2) = u.width, u.stem_widths, u.stage_depths
-    b = "encoder.patch_embed.backbone"
-    conv(b + ".stem.conv1", 3, s1, 3)
-    ln(b + ".stem.norm1", s1)
-    conv(b + ".stem.conv2", s1, s1, 3)
-    for d in range(d1):
-        mbconv(f"{b}.stages.0.{d}", s1, s1, 2 if d == 0 else 1)
-    for d in range(d2):
-        mbconv(f"{b}.stages.1.{d}", s1 if d == 0 else s2, s2, 2 if d == 0 else 1)
-    ln(b + ".pool.norm", s2)
-    conv(b + ".pool.proj", s2, w, 3)
-    for i in range(u.encoder_layers):
-        block(f"encoder.blocks.{i}", w)
-    ln("encoder.norm", w)
-    attnproj("quant_proj", w, code_dim)
-    for k in range(num_codebooks):
-        o[f"quantizer.codebooks.{k}.codebook.weight"] = (vocab, code_dim // num_codebooks)
-    attnproj("post_quant_proj", code_dim, w)
-    for i in range(u.decoder_layers):
-        block(f"decoder.blocks.{i}", w)
-    ln("decoder.norm", w)
-    (u1, u2), (e1, e2) = u.upsampler_widths, u.upsampler_depths
-    conv("decoder.up_conv1.conv", w, u1, 3)
-    for d in range(e1):
-        invmb(f"decoder.up_conv2.{d}", u1, u1, 2 if d == 0 else 1)
-    for d in range(e2):
-        invmb(f"decoder.up_conv3.{d}", u1 if d == 0 else u2, u2, 2 if d == 0 else 1)
-    conv("decoder.up_conv4.conv1.conv", u2, u2, 3)
-    ln("decoder.up_conv4.norm1", u2)
-    conv("decoder.up_conv4.conv2", u2, 3, 3)
-    return o
+def official_tokenizer_keys(cfg: TokenizerConfig) -> dict[str, tuple[int, ...]]:
+    return {
+        k: s
+        for k, s in official_shapes(cfg).items()
+        if not k.startswith(NOT_TOKENIZER) and not k.endswith(STATISTICS_AND_CONSTANTS)
+    }
 
 
 def project_key(official: str) -> str:
@@ -134,9 +51,7 @@ def project_key(official: str) -> str:
 
 
 def _expected(cfg: TokenizerConfig) -> dict[str, tuple[int, ...]]:
-    q = cfg.quantizer
-    keys = official_tokenizer_keys(cfg.unitok, q.code_dim, q.num_codebooks, q.codebook_size)
-    return {project_key(k): shape for k, shape in keys.items()}
+    return {project_key(k): shape for k, shape in official_tokenizer_keys(cfg).items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -159,7 +74,7 @@ def test_released_preset_has_exactly_the_official_tokenizer_keys_and_shapes(rele
 
 
 def test_released_preset_parameter_count_equals_the_official_tokenizer_weights(released_on_meta):
-    official = official_tokenizer_keys(preset("unitok").unitok)
+    official = official_tokenizer_keys(preset("unitok"))
     total = sum(math.prod(s) for s in official.values())
     assert total == 695_858_115  # ref A1.7: everything but the text tower and the CLIP head
     assert sum(p.numel() for p in released_on_meta.parameters()) == total
