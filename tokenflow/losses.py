@@ -38,8 +38,14 @@ def load_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a flat ``{name: tensor}`` dict from a ``.safetensors`` file or a torch ``.pt/.pth`` file.
 
     Torch files are read with ``weights_only=True`` so that a malicious or merely unexpected pickle
-    (custom classes, whole ``nn.Module`` objects) is refused rather than executed.
+    (custom classes, whole ``nn.Module`` objects) is refused rather than executed. A URI (``s3://...``) is
+    copied to a temporary file first.
     """
+    if "://" in os.fspath(path):
+        from tokenflow.convert import local_copy
+
+        with local_copy(path) as local:
+            return load_tensor_file(local)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {str(path)!r}")

@@ -142,3 +142,24 @@ def test_gan_starts_at_disc_start_and_discriminator_is_isolated():
     assert m2["gan_weight"] == 0.5 and "loss/g_adv" in m2 and m2["disc/d_loss"] > 0
     assert any(not torch.equal(p, d0[k]) for k, p in loss_probe.discriminator.state_dict().items() if "weight" in k)
     assert all(p.requires_grad for p in loss_probe.discriminator.parameters())
+
+
+def test_step_exposes_its_quantizer_output_and_reconstruction_for_statistics():
+    tok = tiny()
+    step, _, _ = make_step(tok)
+    x = batch(2)
+    step(x, 0)
+    q = step.last_quant
+    assert q.scales == tok.scales and [i.shape for i in q.per_scale_indices] == [(2, s * s) for s in tok.scales]
+    assert q.part_distances.shape == (2,)  # semantic and pixel parts
+    assert step.last_reconstruction.shape == x.shape and not step.last_reconstruction.requires_grad
+
+
+def test_bf16_autocast_keeps_weights_and_gradients_fp32():
+    tok = tiny()
+    step, gen, _ = make_step(tok)
+    step.amp_dtype = torch.bfloat16  # autocast on the CPU here; the training job uses it on CUDA
+    metrics = step(batch(2), 0)
+    assert math.isfinite(metrics["loss/total"])
+    assert all(p.dtype == torch.float32 for p in tok.parameters())
+    assert step.last_reconstruction.dtype == torch.bfloat16  # the decoder ran under autocast

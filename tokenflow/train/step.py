@@ -34,6 +34,7 @@ class TrainStep:
         *,
         teacher: nn.Module | None = None,
         stage: str = "full",
+        amp_dtype: torch.dtype | None = None,
     ):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -43,6 +44,11 @@ class TrainStep:
         self.tok, self.loss_fn, self.gen, self.disc = tok, loss_fn, gen, disc
         self.teacher = teacher if stage == "full" else None
         self.stage = stage
+        self.amp_dtype = amp_dtype
+        self.last_quant = None
+        """The quantizer output of the last call (indices per scale, scales used, sem/pix distances)."""
+        self.last_reconstruction: Tensor | None = None
+        """The reconstruction of the last call, detached."""
 
     def __call__(self, pixels: Tensor, step: int) -> dict[str, float]:
         model = self.tok.model
@@ -51,13 +57,16 @@ class TrainStep:
         disc = self.loss_fn.discriminator
         disc.requires_grad_(False)
         try:
-            x_hat, g_loss, log = self._generator(pixels, step, model)
+            with self._autocast(pixels):
+                x_hat, g_loss, log = self._generator(pixels, step, model)
         finally:
             disc.requires_grad_(True)
         self.gen.backward(g_loss)
         self.gen.step()
+        self.last_reconstruction = x_hat.detach()
 
-        d_loss, d_log = self.loss_fn.discriminator_loss(pixels, x_hat, step)
+        with self._autocast(pixels):
+            d_loss, d_log = self.loss_fn.discriminator_loss(pixels, x_hat, step)
         if self.loss_fn.gan_weight_at(step) > 0:  # before disc_start D neither runs nor steps (its schedule
             self.disc.backward(d_loss)  # and accumulation start at its first real update, on a step boundary)
             self.disc.step()
@@ -68,9 +77,16 @@ class TrainStep:
         metrics["lr"] = self.gen.get_lr()[0]
         return metrics
 
+    def _autocast(self, pixels: Tensor):
+        """Mixed precision for the forward passes (weights, gradients and optimiser states stay fp32; the
+        quantizer's search opts out of autocast on its own)."""
+        enabled = self.amp_dtype is not None
+        return torch.autocast(pixels.device.type, dtype=self.amp_dtype, enabled=enabled)
+
     def _generator(self, pixels: Tensor, step: int, model: nn.Module) -> tuple[Tensor, Tensor, dict[str, float]]:
         if self.stage == "full":
             out = self.tok(pixels)
+            self.last_quant = out.quant
             target = None
             if self.teacher is not None and out.semantic is not None:
                 target = self.teacher(pixels)
@@ -85,7 +101,8 @@ class TrainStep:
             )
             return out.reconstruction, loss, log
         with torch.no_grad():
-            codes = model.quantizer(model.encode_latent(pixels)).quantized
+            self.last_quant = model.quantizer(model.encode_latent(pixels))
+            codes = self.last_quant.quantized
         x_hat = model.decode_pixels(codes)
         loss, log = self.loss_fn.generator_loss(pixels, x_hat, step, last_layer=model.last_layer)
         return x_hat, loss, log
