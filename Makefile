@@ -19,10 +19,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) jobs/pretokenize.py --input samples/images --output demo_output --tokenizer preset:tiny \
-		--mlflow-uri sqlite:///demo_output/mlflow.db
-	@echo "token shards: demo_output/shards/  rejects: demo_output/rejects/  summary: demo_output/manifest.json"
-	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///demo_output/mlflow.db"
+	$(PY) jobs/train_tokenizer.py --config jobs/configs/tokenizer_tiny.yaml --storage-path demo_output/runs \
+		--mlflow-uri sqlite:///$(CURDIR)/demo_output/mlflow.db
+	$(PY) jobs/pretokenize.py --input samples/images --output demo_output/tokens \
+		--tokenizer demo_output/runs/tokenizer-tiny/tokenizer --mlflow-uri sqlite:///$(CURDIR)/demo_output/mlflow.db
+	@echo "trained tokenizer: demo_output/runs/tokenizer-tiny/tokenizer/ (checkpoints next to it)"
+	@echo "token shards: demo_output/tokens/shards/  rejects: demo_output/tokens/rejects/  summary: demo_output/tokens/manifest.json"
+	@echo "MLflow UI (runs in experiments 'tokenizer' and 'pretokenize'):"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/demo_output/mlflow.db"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

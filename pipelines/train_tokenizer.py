@@ -547,6 +547,17 @@ def run(cfg: TrainTokenizerConfig) -> dict:
     preprocess = tokenizer_preprocess(cfg.tokenizer, cfg.storage_options)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # progress goes to the log line and MLflow
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus - cfg.workers * cfg.cpus_per_worker < 1:
+        log.warning(
+            "the %d training workers take %.1f of the cluster's %.1f CPUs and leave none for reading and decoding "
+            "images: the run waits until the cluster grows (an autoscaling cluster adds nodes); on a fixed cluster "
+            "lower cpus_per_worker or workers",
+            cfg.workers,
+            cfg.workers * cfg.cpus_per_worker,
+            cpus,
+        )
     plan = ray.remote(num_cpus=0)(EpochPlan).remote([s.shard_id for s in shards], cfg.data.seed)
     datasets = {"train": train_dataset(cfg.data, shards, preprocess.size, plan)}
     has_eval = cfg.data.eval_images > 0 and (bool(cfg.data.eval_input) or cfg.data.eval_fraction > 0)
