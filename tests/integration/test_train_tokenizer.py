@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+import s3fs
 from PIL import Image
 
 from pipelines.train_data import TrainDataConfig
@@ -76,7 +77,9 @@ def _weights(tokenizer_dir: str) -> dict:
     return Tokenizer.from_pretrained(tokenizer_dir).state_dict()
 
 
-def test_zero3_run_tracks_in_mlflow_and_exports_a_tokenizer_that_pretokenizes(ray_local, mlflow_server, tmp_path):
+def test_zero3_run_on_s3_tracks_in_mlflow_and_exports_a_tokenizer_that_pretokenizes(
+    s3_endpoint, ray_local, mlflow_server, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
     from pipelines.filters import FilterConfig
@@ -99,6 +102,8 @@ def test_zero3_run_tracks_in_mlflow_and_exports_a_tokenizer_that_pretokenizes(ra
         mlflow_uri=mlflow_server,
         mlflow_experiment="train-zero3",
         dataset_name="test-corpus",
+        storage_path="s3://tokenflow-test/train-runs",  # checkpoints and the tokenizer on S3 (moto, 127.0.0.1)
+        s3_endpoint=s3_endpoint,
     )
     summary = run(cfg)
     assert summary["tokenizer"] == cfg.tokenizer_dir
@@ -144,8 +149,12 @@ def test_zero3_run_tracks_in_mlflow_and_exports_a_tokenizer_that_pretokenizes(ra
     assert len(artifacts("codebook")) == 2 and len(artifacts("eval/reconstructions")) == 2
     assert artifacts("tokenizer") == ["tokenizer/config.json", "tokenizer/model.safetensors"]
 
-    tok = Tokenizer.from_pretrained(cfg.tokenizer_dir)  # ZeRO-3 partitions gathered into plain weights
-    provenance = json.loads(open(os.path.join(cfg.tokenizer_dir, "config.json")).read())["provenance"]
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    assert fs.exists("tokenflow-test/train-runs/zero3/step_00000004/state.json")
+    assert fs.exists("tokenflow-test/train-runs/zero3/step_00000004/rng/rank_1.pt")
+    # ZeRO-3 partitions gathered into plain weights
+    tok = Tokenizer.from_pretrained(cfg.tokenizer_dir, storage_options={"endpoint_url": s3_endpoint})
+    provenance = json.loads(fs.cat(f"{cfg.tokenizer_dir}/config.json"))["provenance"]
     assert provenance["steps"] == 4 and provenance["mlflow_run_id"] == run_.info.run_id
     assert not any(
         np.array_equal(v.numpy(), w.numpy())
@@ -159,6 +168,7 @@ def test_zero3_run_tracks_in_mlflow_and_exports_a_tokenizer_that_pretokenizes(ra
             input=[corpus],
             output=str(tmp_path / "tokens"),
             tokenizer=cfg.tokenizer_dir,
+            s3_endpoint=s3_endpoint,
             filters=FilterConfig(require_caption=False),
             tokenizer_actors=1,
         )
