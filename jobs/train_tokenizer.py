@@ -58,29 +58,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def config_from_args(args: argparse.Namespace) -> TrainTokenizerConfig:
+    """The YAML, then --set overrides, then the named flags (which win)."""
+    cfg = load_config(TrainTokenizerConfig, args.config, args.set)
+    flags = {
+        "tokenizer": args.tokenizer,
+        "storage_path": args.storage_path,
+        "name": args.name,
+        "workers": args.workers,
+        "gpus_per_worker": args.gpus_per_worker,
+        "zero_stage": args.zero_stage,
+        "micro_batch": args.micro_batch,
+        "mlflow_uri": args.mlflow_uri,
+        "mlflow_experiment": args.mlflow_experiment,
+    }
+    cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if args.input:
+        cfg = replace(cfg, data=replace(cfg.data, input=args.input))
+    train = {k: v for k, v in (("stage", args.stage), ("max_steps", args.max_steps)) if v is not None}
+    return replace(cfg, train=replace(cfg.train, **train)) if train else cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
-        cfg = load_config(TrainTokenizerConfig, args.config, args.set)
-        flags = {
-            "tokenizer": args.tokenizer,
-            "storage_path": args.storage_path,
-            "name": args.name,
-            "workers": args.workers,
-            "gpus_per_worker": args.gpus_per_worker,
-            "zero_stage": args.zero_stage,
-            "micro_batch": args.micro_batch,
-            "mlflow_uri": args.mlflow_uri,
-            "mlflow_experiment": args.mlflow_experiment,
-        }
-        cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})  # named flags win
-        if args.input:
-            cfg = replace(cfg, data=replace(cfg.data, input=args.input))
-        if args.stage or args.max_steps:
-            train = replace(cfg.train, **({"stage": args.stage} if args.stage else {}))
-            cfg = replace(cfg, train=replace(train, **({"max_steps": args.max_steps} if args.max_steps else {})))
-        summary = run(cfg)
+        summary = run(config_from_args(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
