@@ -1,4 +1,5 @@
-"""The real cluster path: `ray start --head` on 127.0.0.1, `ray job submit --working-dir .`, read the output."""
+"""The real cluster path: `ray start --head` on 127.0.0.1, `ray job submit --working-dir .` of the pretokenize and
+training jobs, read the output."""
 
 import json
 import os
@@ -113,3 +114,27 @@ def test_ray_job_submit_pretokenize(ray_head, tmp_path):
     kept = pq.read_table(shards_file).to_pylist()
     assert sorted(r["key"] for r in kept) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
     assert all(len(r["tokens"]) == 121 for r in kept)
+
+
+def test_ray_job_submit_train_tokenizer(ray_head, tmp_path):
+    """The research team's command: the tiny config, 4 steps, then the tokenizer it wrote loads."""
+    address, env = ray_head
+    runs = tmp_path / "runs"
+    cmd = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+        "--submission-id", f"train-tokenizer-test-{int(time.time())}", "--",
+        sys.executable, "jobs/train_tokenizer.py", "--config", "jobs/configs/tokenizer_tiny.yaml",
+        "--input", str(REPO / "samples" / "images"), "--storage-path", str(runs), "--name", "submitted",
+        "--max-steps", "4", "--set", "checkpoint_every=2", "--set", "log_every=2", "--set", "image_every=2",
+        "--set", "eval_every=0",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "succeeded" in (done.stdout + done.stderr).lower()
+    state = json.loads((runs / "submitted" / "step_00000004" / "state.json").read_text())
+    assert state["step"] == 4
+
+    from tokenflow import Tokenizer
+
+    tok = Tokenizer.from_pretrained(runs / "submitted" / "tokenizer")
+    assert tok.scales == (1, 2, 4, 6, 8)
