@@ -38,6 +38,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/quantizer.py
 	$(PY) bench/dedup.py
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) demo_output
