@@ -147,9 +147,15 @@ def tokenizer_preprocess(spec: str, storage_options: dict | None = None):
 
 
 def _rng_state() -> dict:
+    """Every random stream of this process, as tensors and plain values (loadable with weights_only=True)."""
     import torch
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -160,7 +166,8 @@ def _set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -237,7 +244,7 @@ def train_loop(config: dict) -> None:
                 state = json.load(fh)
             rng_file = os.path.join(d, "rng", f"rank_{rank}.pt")
             if os.path.exists(rng_file):
-                _set_rng_state(torch.load(rng_file, weights_only=False))
+                _set_rng_state(torch.load(rng_file, weights_only=True))
         state["restarts"] = state.get("restarts", 0) + 1
         log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
     else:

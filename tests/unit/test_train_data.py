@@ -158,3 +158,15 @@ def test_config_checks():
         TrainDataConfig(eval_fraction=1.0)
     assert TrainDataConfig(input="a.tar").input == ["a.tar"]
     assert TrainDataConfig().filters.require_caption is False
+
+
+def test_draft_decoding_gives_a_crop_of_the_same_size_close_to_the_full_decode():
+    rng_img = np.random.default_rng(1)
+    base = np.kron(rng_img.integers(0, 256, (30, 40, 3), dtype=np.uint8), np.ones((40, 40, 1), dtype=np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(base).save(buf, format="JPEG", quality=95)  # 1600 x 1200: libjpeg can decode at 1/8
+    full, _ = RandomCrop(64, sample_rng(0, 0, "s", "k")).load(buf.getvalue(), max_pixels=10**8)
+    fast, _ = RandomCrop(64, sample_rng(0, 0, "s", "k"), draft=True).load(buf.getvalue(), max_pixels=10**8)
+    assert fast.size == full.size == (64, 64)
+    diff = np.abs(np.asarray(fast, dtype=np.int16) - np.asarray(full, dtype=np.int16))
+    assert diff.mean() < 8  # the same view of the image, resampled from a smaller decode
