@@ -204,9 +204,8 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
-    from pipelines.train_data import DataPosition, MicroBatches
+    from pipelines.train_data import MicroBatches
     from pipelines.train_tracking import RunTracker
     from tokenflow.losses import TokenizerLoss
     from tokenflow.train import TrainStep, prepare_stage
@@ -274,10 +273,46 @@ def train_loop(config: dict) -> None:
         state["mlflow_run_id"] = tracker.run_id
 
     # ---- data -----------------------------------------------------------------------------------------------
-    plan, size = config["plan"], tok.preprocessor.size
+    size = tok.preprocessor.size
     batches = MicroBatches(ray.train.get_dataset_shard("train"), cfg.micro_batch, size)
     eval_images = _eval_images(ray.train.get_dataset_shard("eval") if config["has_eval"] else None, size, rank, world)
     base_rejects = Counter(state.get("rejects", {}))
+
+    try:
+        plan = config["plan"]
+        _train(
+            cfg,
+            plan,
+            tok,
+            gen,
+            disc,
+            step_fn,
+            batches,
+            eval_images,
+            state,
+            base_rejects,
+            tracker,
+            device,
+            amp,
+            rank,
+            world,
+        )
+    except BaseException:
+        tracker.end("FAILED")  # a restart after a failure reopens the same run
+        raise
+    if rank == 0:
+        tracker.end()
+
+
+def _train(
+    cfg, plan, tok, gen, disc, step_fn, batches, eval_images, state, base_rejects, tracker, device, amp, rank, world
+):
+    """The step loop of `train_loop`, from the restored state to max_steps, then the export."""
+    import ray
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.train_data import DataPosition
 
     def start_epoch(epoch: int, position: dict | None) -> None:
         if rank == 0:
@@ -330,8 +365,6 @@ def train_loop(config: dict) -> None:
             _save_checkpoint(gen, disc, batches, state, base_rejects, rank, world, {"step": step, "epoch": epoch})
 
     _export(tok, cfg, rank, tracker, state)
-    if rank == 0:
-        tracker.end()
 
 
 def _short(metrics: dict) -> str:
