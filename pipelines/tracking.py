@@ -25,7 +25,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _local_artifact_location(tracking_uri: str) -> str | None:
+def local_artifact_location(tracking_uri: str) -> str | None:
     """For a local sqlite store, artifacts next to the database (MLflow's default is ./mlruns in the current
     directory); a tracking server decides for itself (None)."""
     prefix = "sqlite:///"
@@ -43,7 +43,7 @@ def log_pretokenize_run(
 
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=_local_artifact_location(tracking_uri))
+        mlflow.create_experiment(experiment, artifact_location=local_artifact_location(tracking_uri))
     mlflow.set_experiment(experiment)
     counts = manifest["counts"]
     metrics = {

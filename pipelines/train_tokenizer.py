@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -130,17 +130,14 @@ def build_tokenizer(spec: str, *, seed: int, storage_options: dict | None = None
 def tokenizer_preprocess(spec: str, storage_options: dict | None = None):
     """The input convention (`tokenflow.image.Preprocess`) of a preset or saved tokenizer, without its weights."""
     from tokenflow.config import TokenizerConfig, preset
-    from tokenflow.image import Preprocess
+    from tokenflow.tokenizer import preprocess_of
 
     if spec.startswith("preset:"):
-        cfg = preset(spec.removeprefix("preset:"))
-    else:
-        import fsspec
+        return preprocess_of(preset(spec.removeprefix("preset:")))
+    import fsspec
 
-        with fsspec.open(f"{spec.rstrip('/')}/config.json", "r", **(storage_options or {})) as fh:
-            cfg = TokenizerConfig.from_dict(json.load(fh)["config"])
-    pp = cfg.preprocess
-    return Preprocess(size=cfg.image_size, mode=pp.mode, resize_to=pp.resize_to, draft=pp.draft)
+    with fsspec.open(f"{spec.rstrip('/')}/config.json", "r", **(storage_options or {})) as fh:
+        return preprocess_of(TokenizerConfig.from_dict(json.load(fh)["config"]))
 
 
 # ---- the worker loop -------------------------------------------------------------------------------------------
@@ -614,7 +611,7 @@ def run(cfg: TrainTokenizerConfig) -> dict:
         storage_path = cfg.storage_path.removeprefix("s3://")
     elif "://" not in cfg.storage_path:
         storage_path = os.path.abspath(cfg.storage_path)
-        cfg = _replace_storage(cfg, storage_path)
+        cfg = replace(cfg, storage_path=storage_path)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "plan": plan, "has_eval": has_eval},
@@ -633,9 +630,3 @@ def run(cfg: TrainTokenizerConfig) -> dict:
     )
     result = trainer.fit()
     return {"tokenizer": cfg.tokenizer_dir, "checkpoint": result.checkpoint.path if result.checkpoint else None}
-
-
-def _replace_storage(cfg: TrainTokenizerConfig, storage_path: str) -> TrainTokenizerConfig:
-    from dataclasses import replace
-
-    return replace(cfg, storage_path=storage_path)

@@ -65,11 +65,11 @@ class RunTracker:
         try:
             import mlflow
 
-            from pipelines.tracking import _local_artifact_location
+            from pipelines.tracking import local_artifact_location
 
             mlflow.set_tracking_uri(uri)
             if mlflow.get_experiment_by_name(experiment) is None:
-                mlflow.create_experiment(experiment, artifact_location=_local_artifact_location(uri))
+                mlflow.create_experiment(experiment, artifact_location=local_artifact_location(uri))
             mlflow.set_experiment(experiment)
             run = mlflow.start_run(
                 run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=system_metrics

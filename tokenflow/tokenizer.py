@@ -42,8 +42,7 @@ class Tokenizer(nn.Module):
         self.config = config
         model_cls = TokenFlowModel if config.kind == "tokenflow" else UniTokModel
         self.model = model_cls(config, pretrained=pretrained)
-        pp = config.preprocess
-        self.preprocessor = Preprocess(size=config.image_size, mode=pp.mode, resize_to=pp.resize_to, draft=pp.draft)
+        self.preprocessor = preprocess_of(config)
         """The decode + resize + crop convention; the pretokenize pipeline uses this same object."""
 
     # ---- construction ------------------------------------------------------------------------------------------
@@ -192,6 +191,12 @@ class Tokenizer(nn.Module):
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
             raise ValueError(f"indices out of range [0, {self.codebook_size})")
         return indices.to(self.device, torch.long)
+
+
+def preprocess_of(config: TokenizerConfig) -> Preprocess:
+    """The input convention of a tokenizer config (no weights needed)."""
+    pp = config.preprocess
+    return Preprocess(size=config.image_size, mode=pp.mode, resize_to=pp.resize_to, draft=pp.draft)
 
 
 def _join(root: str, name: str) -> str:
