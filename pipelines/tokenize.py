@@ -2,7 +2,8 @@
 
 Reads the `pixels` column (uint8 S x S x 3 bytes, null for rejected rows) and writes `tokens` (the flattened
 scale-major indices as bytes of `token_dtype`, null for rejected rows); drops `pixels`. On a GPU (precision
-"auto") the model runs in bf16 except the quantizer, which always runs in fp32 (a bf16 argmin flips tokens).
+"auto") the model runs in bf16 except the quantizer, which always runs in fp32 (a bf16 argmin flips tokens);
+precision "fp32" on a GPU turns TF32 off, so its tokens are the CPU's up to near-ties.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class TokenizeStage:
         if self.device.type == "cpu" and threads:
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); a model-bound CPU stage wants the node's cores
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        if self.device.type == "cuda" and not self.bf16:
+            # fp32 on a GPU means fp32: cuDNN runs fp32 convolutions in TF32 by default (a 10-bit mantissa),
+            # far coarser than the 1e-5 near-tie margin of token parity. The actor owns its process.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.tok = load_tokenizer(tokenizer, storage_options=storage_options).to(self.device)
         if self.bf16:
             self.tok.model.to(torch.bfloat16)
