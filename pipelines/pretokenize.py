@@ -76,7 +76,15 @@ class PretokenizeConfig:
     batch_size: int = 64
     """Images per tokenizer forward."""
     tokenizer_actors: int | None = None
-    """Size of the tokenize actor pool; default one per GPU in the cluster, else a quarter of the CPUs (>= 1)."""
+    """Size of the tokenize actor pool; default one per GPU in the cluster, else a quarter of the CPUs (>= 1).
+    When the actors ask for GPUs or custom resources the cluster does not have yet (an autoscaling cluster that
+    starts without GPU nodes), set it: it is how many actors, and so nodes, the job scales up to."""
+    tokenizer_gpus: float | None = None
+    """GPUs each tokenize actor asks for. None: 1 when the cluster has GPUs as the job starts, else 0. Set 1 on
+    an autoscaling cluster without GPU nodes yet: the actors' GPU requests are what make the autoscaler add them."""
+    tokenizer_resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources each tokenize actor asks for, e.g. {tokenize_gpu: 1}: the stage runs only on node types
+    that advertise them (ray_cluster.yaml), and an autoscaler adds those nodes for it."""
     tokenizer_threads: int | None = None
     """CPU actors only: torch threads per tokenize actor; default a node's CPUs divided by the actors per node.
     (Decoding runs in the read tasks, and a model-bound stage should use the cores the reads leave idle.)"""
@@ -98,6 +106,14 @@ class PretokenizeConfig:
             raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
         if self.dedup_partitions < 0:
             raise ValueError("dedup_partitions must be >= 0")
+        if self.tokenizer_gpus is not None and self.tokenizer_gpus < 0:
+            raise ValueError("tokenizer_gpus must be >= 0")
+        if self.tokenizer_gpus and self.device == "cpu":
+            raise ValueError("tokenizer_gpus > 0 with device cpu: the actors would hold GPUs they never use")
+        if any(not isinstance(v, (int, float)) or v <= 0 for v in self.tokenizer_resources.values()):
+            raise ValueError(f"tokenizer_resources amounts must be numbers > 0, got {self.tokenizer_resources}")
+        if self.tokenizer_actors is not None and self.tokenizer_actors < 1:
+            raise ValueError("tokenizer_actors must be >= 1")
 
     @property
     def storage_options(self) -> dict:
@@ -304,11 +320,37 @@ def _dedup_index(partitions: int) -> Claim:
     return claim
 
 
+def tokenize_pool(cfg: PretokenizeConfig, cluster: dict[str, float]) -> tuple[int, float]:
+    """(actors, GPUs per actor) of the tokenize stage, given the cluster's resources as the job starts."""
+    gpus = float(cluster.get("GPU", 0))
+    per_actor = cfg.tokenizer_gpus
+    if per_actor is None:
+        per_actor = 1.0 if gpus > 0 and cfg.device != "cpu" else 0.0
+    if cfg.tokenizer_actors is not None:
+        return cfg.tokenizer_actors, per_actor
+    wanted = {**cfg.tokenizer_resources, **({"GPU": per_actor} if per_actor else {})}
+    if not wanted:
+        return max(1, int(cluster.get("CPU", 0)) // 4), per_actor
+    actors = min(int(float(cluster.get(k, 0)) // v) for k, v in wanted.items())
+    if actors < 1:
+        have = {k: cluster.get(k, 0) for k in wanted}
+        raise ValueError(
+            f"each tokenize actor asks for {wanted} and the cluster has {have} now: set tokenizer_actors to the "
+            "number of actors to scale up to (an autoscaling cluster adds the nodes they need)"
+        )
+    return actors, per_actor
+
+
+def _placement(resources: dict[str, float]) -> dict:
+    """Ray remote args for custom resources (none when empty)."""
+    return {"resources": dict(resources)} if resources else {}
+
+
 def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Preprocess):
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    use_gpu = gpus > 0 and cfg.device != "cpu"
-    actors = cfg.tokenizer_actors or (gpus if use_gpu else max(1, cpus // 4))
+    cluster = ray.cluster_resources()
+    cpus = int(cluster.get("CPU", 0))
+    actors, gpus_per_actor = tokenize_pool(cfg, cluster)
+    use_gpu = gpus_per_actor > 0
     clip_actors = (cfg.clip.actors or actors) if cfg.clip.enabled else 0
     if actors + clip_actors >= cpus:  # every actor holds a CPU; read tasks need one more
         log.warning(
@@ -331,8 +373,10 @@ def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Pre
             compute=ray.data.ActorPoolStrategy(size=clip_actors),
             batch_size=cfg.clip.batch_size,
             batch_format="pyarrow",
-            num_gpus=0.25 if use_gpu else 0,  # a CLIP forward is small next to the tokenizer's: share the GPU
+            # a CLIP forward is small next to the tokenizer's: a quarter of a tokenize actor's GPU and placement
+            num_gpus=gpus_per_actor / 4,
             num_cpus=1,
+            **_placement({k: v / 4 for k, v in cfg.tokenizer_resources.items()}),
         )
     return ds.map_batches(
         TokenizeStage,
@@ -346,8 +390,9 @@ def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Pre
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        num_gpus=1 if use_gpu else 0,
+        num_gpus=gpus_per_actor,
         num_cpus=1,
+        **_placement(cfg.tokenizer_resources),
     )
 
 

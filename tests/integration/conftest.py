@@ -44,6 +44,11 @@ def s3_endpoint(tmp_path_factory):
     server.stop()
 
 
+# The flags of the deployed servers (infra/mlflow/) that the fixture runs with too, so that what is tested is what
+# is deployed (tests/unit/test_infra.py holds the two to the same flags, the backend store aside).
+MLFLOW_SERVER_FLAGS = ("--serve-artifacts", "--allowed-hosts", "127.0.0.1:*,localhost:*")
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (sqlite backend, proxied local artifacts) on 127.0.0.1."""
@@ -73,6 +78,7 @@ def mlflow_server(tmp_path_factory):
             str(port),
             "--workers",
             "1",
+            *MLFLOW_SERVER_FLAGS,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -11,8 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+
+from tests.integration.ray_procs import MARKER, start_head, stop_cluster
+from tests.integration.sample_corpus import assert_sample_corpus_tokenized
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -26,56 +28,31 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A head node started like a platform team would; token authentication stays at its default (on).
-
-    Needs a machine without another Ray cluster: with one running, Ray 2.60's job agent of this second head
-    never registers ("No available agent to submit job") even with every port chosen free."""
+    """A head node started like a platform team would; token authentication stays at its default (on). Its agents
+    get free ports, so another Ray on the machine cannot take them (ray_procs.agent_port_flags)."""
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("ray CLI not installed")
     port, dash = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     # Token authentication is on by default for local clusters; the job CLI only sends the token (from
     # ~/.ray/auth_token, written by `ray start`) when RAY_AUTH_MODE=token is set on the client side too.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    subprocess.run(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            f"--port={port}",
-            "--num-cpus=4",
-            f"--temp-dir={temp_dir}",  # its processes name this directory: how _stop_cluster finds them
-            "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", MARKER: temp_dir}
+    start_head(
+        temp_dir,
+        env,
+        f"--port={port}",
+        "--num-cpus=4",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
     )
     address = f"http://127.0.0.1:{dash}"
     try:
         _wait_for_job_api(address, env)
         yield address, env
     finally:
-        _stop_cluster(temp_dir)
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Stop only this cluster's processes (`ray stop` would also stop any other Ray on the machine)."""
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-    for p in procs:
-        p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for p in alive:
-        p.kill()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_cluster(temp_dir)
 
 
 def _wait_for_job_api(address: str, env: dict, timeout_s: float = 120) -> None:
@@ -108,12 +85,7 @@ def test_ray_job_submit_pretokenize(ray_head, tmp_path):
         time.sleep(5)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["kept"] == 4 and manifest["counts"]["rejected"] == 0
-    (shards_file,) = (out / "shards").glob("*.parquet")
-    kept = pq.read_table(shards_file).to_pylist()
-    assert sorted(r["key"] for r in kept) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
-    assert all(len(r["tokens"]) == 121 for r in kept)
+    assert_sample_corpus_tokenized(out)
 
 
 def test_ray_job_submit_train_tokenizer(ray_head, tmp_path):

@@ -1,0 +1,71 @@
+"""Stopping one test cluster started with `ray start` without touching any other Ray on the machine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARKER = "TOKENFLOW_TEST_RAY_CLUSTER"
+"""Put in the environment of `ray start` with the cluster's temp dir as value: every process of that cluster
+inherits it, also the agents that rename themselves (`ray::DashboardAgent`) and a fake autoscaler's nodes."""
+
+
+def start_head(temp_dir: str, env: dict, *flags: str) -> None:
+    """`ray start --head` with the cluster's files in temp_dir (its processes name it), MARKER=temp_dir in every
+    process's environment, free agent ports and no usage stats; `flags` add the rest."""
+    ray = Path(sys.executable).parent / "ray"
+    subprocess.run(
+        [str(ray), "start", "--head", f"--temp-dir={temp_dir}", "--disable-usage-stats", *agent_port_flags(), *flags],
+        check=True,
+        env={**env, MARKER: temp_dir},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def agent_port_flags() -> list[str]:
+    """`ray start` flags giving the head's agents free ports. Left at their defaults (52365 for the dashboard
+    agent) they collide with any other Ray on the machine, or one still exiting, and `ray job submit` then
+    fails with "No available agent to submit job"."""
+    flags = []
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                 "metrics-export-port"):  # fmt: skip
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            flags.append(f"--{flag}={s.getsockname()[1]}")
+    return flags
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Kill the processes of the cluster started with MARKER=temp_dir (or naming temp_dir), then remove temp_dir.
+    Killed at once and swept again: a raylet given time to shut down restarts its agents."""
+    import psutil
+
+    tag = f"{MARKER}={temp_dir}".encode()
+
+    def ours(p: psutil.Process) -> bool:
+        try:
+            # the raw block: a process that renamed itself (setproctitle) leaves empty entries at the start of
+            # its environment, where psutil's environ() stops reading
+            with open(f"/proc/{p.pid}/environ", "rb") as fh:
+                if tag in fh.read().split(b"\0"):
+                    return True
+            return temp_dir in " ".join(p.cmdline())
+        except (psutil.Error, OSError):
+            return False
+
+    for _ in range(5):
+        procs = [p for p in psutil.process_iter() if p.pid != os.getpid() and ours(p)]
+        if not procs:
+            break
+        for p in procs:
+            p.kill()
+        psutil.wait_procs(procs, timeout=5)
+        time.sleep(1)
+    shutil.rmtree(temp_dir, ignore_errors=True)
