@@ -1,14 +1,8 @@
 """Real servers for integration tests, started once per session on 127.0.0.1."""
 
-import socket
-
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.integration.ray_procs import free_port
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +21,7 @@ def s3_endpoint(tmp_path_factory):
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -63,7 +57,7 @@ def mlflow_server(tmp_path_factory):
     if not exe.exists() and shutil.which("mlflow") is None:
         pytest.skip("mlflow CLI not installed")
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             str(exe),

@@ -29,17 +29,24 @@ def start_head(temp_dir: str, env: dict, *flags: str) -> None:
     )
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def agent_port_flags() -> list[str]:
     """`ray start` flags giving the head's agents free ports. Left at their defaults (52365 for the dashboard
     agent) they collide with any other Ray on the machine, or one still exiting, and `ray job submit` then
     fails with "No available agent to submit job"."""
-    flags = []
-    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                 "metrics-export-port"):  # fmt: skip
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            flags.append(f"--{flag}={s.getsockname()[1]}")
-    return flags
+    flags = (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    )
+    return [f"--{flag}={free_port()}" for flag in flags]
 
 
 def stop_cluster(temp_dir: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,18 +28,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.ray_procs import MARKER, start_head, stop_cluster
+from tests.integration.ray_procs import free_port, start_head, stop_cluster
 from tests.integration.sample_corpus import assert_sample_corpus_tokenized
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 IDLE_TIMEOUT_MIN = 0.1  # ray_cluster.yaml says 10; seconds here
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_cluster_config(gcs_address: str) -> dict:
@@ -99,7 +92,7 @@ def autoscaling_head(tmp_path_factory):
     from ray._private.services import get_node_ip_address
 
     # the node's own address: Ray turns 127.0.0.1 in a driver's address into it anyway
-    address = f"{get_node_ip_address()}:{_free_port()}"
+    address = f"{get_node_ip_address()}:{free_port()}"
     temp_dir = tempfile.mkdtemp(prefix="ra", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     config = tmp_path_factory.mktemp("autoscaler") / "cluster.json"
     config.write_text(json.dumps(fake_cluster_config(address)))
@@ -109,7 +102,6 @@ def autoscaling_head(tmp_path_factory):
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "token",  # as ray_cluster.yaml's start commands; every process below inherits it
-        MARKER: temp_dir,
     }
     start_head(
         temp_dir,

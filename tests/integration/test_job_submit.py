@@ -4,7 +4,6 @@ training jobs, read the output."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.ray_procs import MARKER, start_head, stop_cluster
+from tests.integration.ray_procs import free_port, start_head, stop_cluster
 from tests.integration.sample_corpus import assert_sample_corpus_tokenized
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +25,11 @@ def ray_head(tmp_path_factory):
     get free ports, so another Ray on the machine cannot take them (ray_procs.agent_port_flags)."""
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("ray CLI not installed")
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     # Token authentication is on by default for local clusters; the job CLI only sends the token (from
     # ~/.ray/auth_token, written by `ray start`) when RAY_AUTH_MODE=token is set on the client side too.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", MARKER: temp_dir}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     start_head(
         temp_dir,
         env,

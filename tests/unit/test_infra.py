@@ -374,10 +374,7 @@ def test_dockerfile_builds_from_what_the_dockerignore_sends():
 
 def test_ray_cluster_yaml_has_the_same_image_and_node_types():
     """The cluster launcher config and the KubeRay cluster offer the same GPU node types to the jobs."""
-    path = ROOT / "ray_cluster.yaml"
-    if not path.exists():
-        pytest.skip("ray_cluster.yaml is not in the repository yet")
-    config = yaml.safe_load(path.read_text())
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     image = config["docker"]["image"]
     assert re.fullmatch(r"[^/\s]+\.dkr\.ecr\.[^/\s]+\.amazonaws\.com/tokenflow-ray:\S+", image), (
         f"ray_cluster.yaml runs {image}, not the tokenflow-ray image infra/README.md builds"
