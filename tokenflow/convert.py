@@ -315,9 +315,7 @@ def convert_checkpoint(
     with local_copy(source, storage_options) as local:  # a remote file is downloaded once for both
         checkpoint = _torch_load(local, source=source)
         digest = _sha256(local)
-    tok = tokenizer_from_official(
-        kind, official_weights(kind, checkpoint, source=source), preset_name=preset_name
-    )
+    tok = tokenizer_from_official(kind, official_weights(kind, checkpoint, source=source), preset_name=preset_name)
     provenance = {"converted_from": source, "sha256": digest, "kind": kind}
     tok.save_pretrained(output, storage_options=storage_options, provenance=provenance)
     return tok

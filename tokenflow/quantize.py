@@ -304,3 +304,32 @@ class MultiScaleQuantizer(nn.Module):
             u = resize(codes, self.grid, "bicubic")
             f = u if f is None else f + u
         return f
+
+    def cumulative_features(self, indices: Tensor) -> list[Tensor]:
+        """The LLMs' cascaded partial sums (ref 4.3) for any prefix of whole scales: one (B, C, s_k, s_k) map per
+        scale, g_0 = E_0 and g_k = bicubic(g_{k-1}, s_k) + E_k, where E_k is scale k's normalised code map.
+
+        This is NOT the tokenizer's own accumulation (`features`, which upsamples every scale straight to the final
+        grid); the text-to-image model was trained on this cascade, so both live here, side by side. Scale k's
+        teacher-forcing input is bicubic(g_{k-1}, s_k) (`next_scale_input`); a refinement pass re-reads scale k
+        with g_k, the partial sum that includes its own draft."""
+        out: list[Tensor] = []
+        for s, part in zip(self.scales, self.split_scales(indices)):
+            codes = self.quantizer.embed(part)  # (B, s*s, C)
+            codes = codes.transpose(1, 2).reshape(codes.shape[0], -1, s, s)
+            out.append(codes if not out else self.next_scale_input(out[-1], s) + codes)
+        return out
+
+    @staticmethod
+    def next_scale_input(partial: Tensor, size: int) -> Tensor:
+        """The input map of the next scale: the partial sum so far, bicubic-resized to that scale's side."""
+        return F.interpolate(partial, size=(size, size), mode="bicubic")
+
+    def teacher_forcing_inputs(self, indices: Tensor) -> Tensor:
+        """(B, T - s_0^2, C): the inputs of scales 1..K-1 for a whole image's (B, T) indices, scale-major and
+        row-major, each scale k's rows being bicubic(g_{k-1}, s_k) (see `cumulative_features`)."""
+        partial = self.cumulative_features(indices)
+        if len(partial) != len(self.scales):
+            raise ValueError(f"teacher forcing needs all {self.tokens_per_image} tokens, got {indices.shape[1]}")
+        maps = [self.next_scale_input(g, s) for g, s in zip(partial[:-1], self.scales[1:])]
+        return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)

@@ -31,7 +31,7 @@ def scale_index(scales: Sequence[int]) -> Tensor:
     """(T,) long: the 0-based scale of each image token, scale-major (T = sum of s^2)."""
     if not scales or any(s < 1 for s in scales):
         raise ValueError(f"scales must be positive side lengths, got {tuple(scales)}")
-    return torch.repeat_interleave(torch.arange(len(scales)), torch.tensor([s * s for s in scales]))
+    return torch.tensor([k for k, s in enumerate(scales) for _ in range(s * s)], dtype=torch.long)
 
 
 def t2i_mask_mod(key_valid: Tensor, image_start: int, scales: Sequence[int]) -> MaskMod:
@@ -58,12 +58,16 @@ def t2i_mask_mod(key_valid: Tensor, image_start: int, scales: Sequence[int]) -> 
     return mask_mod
 
 
-def dense_mask(mask_mod: MaskMod, batch: int, length: int, device: torch.device | str = "cpu") -> Tensor:
-    """(B, 1, L, L) bool, True = may attend: the 4-D mask SDPA takes (transformers passes it through as is)."""
+def dense_mask(
+    mask_mod: MaskMod, batch: int, length: int, device: torch.device | str = "cpu", first_row: int = 0
+) -> Tensor:
+    """(B, 1, length - first_row, length) bool, True = may attend: the rows of queries first_row .. length - 1
+    against keys 0 .. length - 1. The whole square is the training mask; a block of rows is the mask of one
+    cached step (its queries against the cache and themselves). Transformers and SDPA take it as is."""
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-    q = torch.arange(length, device=device).view(1, 1, -1, 1)
+    q = torch.arange(first_row, length, device=device).view(1, 1, -1, 1)
     kv = torch.arange(length, device=device).view(1, 1, 1, -1)
-    return mask_mod(b, torch.zeros_like(b), q, kv).expand(batch, 1, length, length)
+    return mask_mod(b, torch.zeros_like(b), q, kv).expand(batch, 1, length - first_row, length)
 
 
 def t2i_attention_mask(key_valid: Tensor, image_start: int, scales: Sequence[int]) -> Tensor:

@@ -40,9 +40,7 @@ class LocalEngine:
         if not self.params:
             raise ValueError(f"{type(module).__name__} has no trainable parameters")
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg, max_steps)
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, max_steps))
         self.micro_steps = 0
         self.global_steps = 0
         self.grad_norm: float | None = None
