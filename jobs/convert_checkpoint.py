@@ -4,10 +4,13 @@
     python jobs/convert_checkpoint.py --kind tokenflow --input s3://models/tokenflow_siglip_32k.pt \\
         --output s3://models/tokenizers/siglip_384
     python jobs/convert_checkpoint.py --kind unitok --input unitok_tokenizer.pth --output tok/unitok
+    python jobs/convert_checkpoint.py --kind tokenflow-t2i --input TokenFlow-t2i/ --output models/t2i
 
 The preset is recognised from the file (clipb_256 for the enhanced-decoder clipb file, siglip_384 for
 TokenFlow-XL, unitok); `--preset` forces one. The output (`config.json` + `model.safetensors`, with the source's
-sha256 in config.json) is what `jobs/pretokenize.py --tokenizer` and `Tokenizer.from_pretrained` take. The file is
+sha256 in config.json) is what `jobs/pretokenize.py --tokenizer` and `Tokenizer.from_pretrained` take.
+`tokenflow-t2i` converts the released text-to-image model directory (safetensors shards, or .bin read with
+weights_only=True) into a `T2IModel` directory (`jobs/generate.py --model`), its tokenizer files copied. The file is
 read with torch.load(weights_only=True): a checkpoint that needs any other class unpickled is refused, and one
 whose tensors do not map exactly onto the preset fails with the list of missing and unexpected keys.
 """
@@ -28,7 +31,9 @@ from tokenflow.convert import convert_checkpoint
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kind", required=True, choices=("tokenflow", "unitok"), help="which official code wrote it")
+    p.add_argument(
+        "--kind", required=True, choices=("tokenflow", "unitok", "tokenflow-t2i"), help="which official code wrote it"
+    )
     p.add_argument("--input", required=True, help="official checkpoint: local path or fsspec URI (s3://...)")
     p.add_argument("--output", required=True, help="tokenizer directory to write: local path or URI")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="force a preset instead of detecting it")
@@ -43,10 +48,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = json.loads(args.storage_options) if args.storage_options else None
+    if args.kind == "tokenflow-t2i":
+        from tokenflow.llm.convert import convert_t2i_checkpoint
+
+        try:
+            model = convert_t2i_checkpoint(args.input, args.output, storage_options=options)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"convert_checkpoint: {err}", file=sys.stderr)
+            return 2
+        n = sum(t.numel() for t in model.state_dict().values())
+        print(f"wrote {args.output}: TokenFlow-t2i -> {model.num_layers} layers, {n:,} weights")
+        return 0
     try:
-        tok = convert_checkpoint(
-            args.kind, args.input, args.output, preset_name=args.preset, storage_options=options
-        )
+        tok = convert_checkpoint(args.kind, args.input, args.output, preset_name=args.preset, storage_options=options)
     except (ValueError, FileNotFoundError) as err:
         print(f"convert_checkpoint: {err}", file=sys.stderr)
         return 2

@@ -39,13 +39,10 @@ def model(head: str = "image", codes: int = CODES, scales=SCALES, **llm) -> T2IM
 def training_batch(lay: T2ILayout, captions: list[list[int]], image_tokens: torch.Tensor, q: MultiScaleQuantizer):
     """The arguments of `T2IModel.forward` for caption ids and image tokens."""
     ids, valid = T2ILayout.stack([lay.prefix(c) for c in captions])
-    b = ids.shape[0]
-    image_ids = torch.full((b, lay.image_tokens), lay.pad_id, dtype=torch.long)
-    suffix = torch.tensor([list(lay.suffix)] * b, dtype=torch.long)
     with torch.no_grad():  # the image tokenizer is frozen
         inputs = q.teacher_forcing_inputs(image_tokens)
     return dict(
-        input_ids=torch.cat([ids, image_ids, suffix], dim=1),
+        input_ids=lay.sequence_ids(ids),
         key_valid=lay.key_valid(valid),
         image_tokens=image_tokens,
         image_inputs=inputs,

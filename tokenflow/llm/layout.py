@@ -110,6 +110,14 @@ class T2ILayout:
 
     # ---- the whole sequence ---------------------------------------------------------------------------------
 
+    def sequence_ids(self, prefix_ids: Tensor) -> Tensor:
+        """(B, length): the prefix, `pad_id` at the image positions (never read: the model puts features there),
+        then `</img>` and EOS."""
+        b = prefix_ids.shape[0]
+        image = prefix_ids.new_full((b, self.image_tokens), self.pad_id)
+        suffix = torch.tensor(self.suffix, dtype=prefix_ids.dtype, device=prefix_ids.device).expand(b, -1)
+        return torch.cat([prefix_ids, image, suffix], dim=1)
+
     def key_valid(self, prefix_valid: Tensor) -> Tensor:
         """(B, length) bool: the prefix's validity, then every image and suffix position valid."""
         tail = prefix_valid.new_ones(prefix_valid.shape[0], self.image_tokens + len(self.suffix))

@@ -379,13 +379,17 @@ class T2IModel(nn.Module):
     def _tied(self) -> bool:
         return bool(getattr(self.llm.config, "tie_word_embeddings", False))
 
-    def save_pretrained(self, path: str | os.PathLike, *, extra: dict | None = None, storage_options=None) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike, *, extra: dict | None = None, storage_options=None, state_dict=None
+    ) -> None:
         """`config.json` (the T2I config, the decoder's config, `extra` such as the image tokenizer's id) and
-        `model.safetensors` (every weight; a tied output head is stored once) to a directory or fsspec URI."""
+        `model.safetensors` (every weight; a tied output head is stored once) to a directory or fsspec URI.
+        `state_dict`: the weights to write instead of this module's own (e.g. gathered from ZeRO-3 partitions)."""
         path, opts = os.fspath(path), storage_options or {}
         fs, root = fsspec.core.url_to_fs(path, **opts)
         fs.makedirs(root, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        source = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         if self._tied():
             state.pop("llm.lm_head.weight", None)
         config = self.config.to_dict()

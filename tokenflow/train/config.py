@@ -27,6 +27,8 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (official: 1.0); 0 disables it."""
+    decoupled_weight_decay: bool = False
+    """AdamW (decay applied to the weights directly, as HF's Trainer does) instead of Adam's L2 term."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:

@@ -32,13 +32,13 @@ def ds_config(
         "train_batch_size": micro_batch * grad_accum * world_size,
         "gradient_clipping": float(opt.max_grad_norm),
         "optimizer": {
-            "type": "Adam",
+            "type": "AdamW" if opt.decoupled_weight_decay else "Adam",
             "params": {
                 "lr": opt.lr,
                 "betas": list(opt.betas),
                 "weight_decay": opt.weight_decay,
                 "torch_adam": True,
-                "adam_w_mode": False,
+                "adam_w_mode": opt.decoupled_weight_decay,
             },
         },
         "bf16": {"enabled": bf16},

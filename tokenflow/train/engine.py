@@ -30,7 +30,7 @@ def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
 
 
 class LocalEngine:
-    """Adam over a module's trainable parameters with DeepSpeed's backward/step semantics."""
+    """Adam (or AdamW) over a module's trainable parameters with DeepSpeed's call/backward/step semantics."""
 
     def __init__(self, module: nn.Module, cfg: OptimizerConfig, *, max_steps: int, grad_accum: int = 1):
         self.module = module
@@ -39,12 +39,16 @@ class LocalEngine:
         self.params = [p for p in module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"{type(module).__name__} has no trainable parameters")
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        adam = torch.optim.AdamW if cfg.decoupled_weight_decay else torch.optim.Adam
+        self.optimizer = adam(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, max_steps))
         self.micro_steps = 0
         self.global_steps = 0
         self.grad_norm: float | None = None
         """Global gradient norm before clipping at the last optimiser step."""
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return (self.micro_steps + 1) % self.grad_accum == 0

