@@ -10,7 +10,7 @@
 - A read task reads one shard (the epoch's seeded shard order) and visits its rows in a seeded permutation of
   (seed, epoch, shard). Every shard's file metadata must name the tokenizer the model trains with
   (`tokenizer_id`); a mismatch stops the job with both ids in the message.
-- Captions, per sample and epoch, with the draws of `sample_rng(seed, epoch, shard, key)`: cut to the first
+- Captions, per sample and epoch, with the draws of `sample_rng(seed, epoch, "caption", key)`: cut to the first
   sentence with probability `first_sentence_prob` (0.2), then replaced by "" with probability `caption_dropout`
   (0.1): the empty caption is exactly the null prompt sampling uses for classifier-free guidance (the official
   code defines the dropout and never applies it). The realised rates are counted and logged.
@@ -79,16 +79,19 @@ _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 
 
 def first_sentence(caption: str) -> str:
-    """The caption up to and including its first sentence end (. ! ? before a space or the end, or a newline)."""
-    m = _SENTENCE_END.search(caption)
-    return caption if m is None else caption[: m.end()].strip()
+    """The caption, stripped, up to and including its first sentence end (. ! ? before a space or the end, or a
+    newline). An abbreviation followed by a space ("e.g. ") counts as an end: a known limit of the rule."""
+    text = caption.strip()
+    m = _SENTENCE_END.search(text)
+    return text if m is None else text[: m.end()].strip()
 
 
 def caption_policy(caption: str, rng: random.Random, first_sentence_prob: float, dropout: float):
-    """(text, truncated, dropped). Two draws per caption, always in this order, so the stream is stable."""
+    """(text, truncated, dropped). Two draws per caption, always in this order, so the stream is stable;
+    `truncated` only when the cut removed a sentence (not mere surrounding whitespace)."""
     cut, drop = rng.random() < first_sentence_prob, rng.random() < dropout
     text = first_sentence(caption) if cut else caption
-    return ("" if drop else text), cut and text != caption, drop
+    return ("" if drop else text), cut and text != caption.strip(), drop
 
 
 # ---- shards -----------------------------------------------------------------------------------------------------
