@@ -23,9 +23,14 @@ demo: $(STAMP)
 		--mlflow-uri sqlite:///$(CURDIR)/demo_output/mlflow.db
 	$(PY) jobs/pretokenize.py --input samples/images --output demo_output/tokens \
 		--tokenizer demo_output/runs/tokenizer-tiny/tokenizer --mlflow-uri sqlite:///$(CURDIR)/demo_output/mlflow.db
+	$(PY) jobs/train_t2i.py --config jobs/configs/t2i_tiny.yaml --mlflow-uri sqlite:///$(CURDIR)/demo_output/mlflow.db
+	$(PY) jobs/generate.py --model demo_output/runs/t2i-tiny/model --tokenizer demo_output/runs/tokenizer-tiny/tokenizer \
+		--prompt "A ginger tabby cat looking to the side." --prompt "A rocket standing on its launch pad under a blue sky." \
+		--images-per-prompt 2 --loop 3 --cfg 3 --output demo_output/samples
 	@echo "trained tokenizer: demo_output/runs/tokenizer-tiny/tokenizer/ (checkpoints next to it)"
 	@echo "token shards: demo_output/tokens/shards/  rejects: demo_output/tokens/rejects/  summary: demo_output/tokens/manifest.json"
-	@echo "MLflow UI (runs in experiments 'tokenizer' and 'pretokenize'):"
+	@echo "text-to-image model: demo_output/runs/t2i-tiny/model/  samples: demo_output/samples/ (images/, samples.parquet)"
+	@echo "MLflow UI (runs in experiments 'tokenizer', 'pretokenize' and 't2i'):"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/demo_output/mlflow.db"
 
 test: $(STAMP)

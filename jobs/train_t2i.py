@@ -1,13 +1,14 @@
 """Train the text-to-image model (TokenFlow's next-scale t2i) from token shards on Ray Train + DeepSpeed.
 
     python jobs/train_t2i.py --config jobs/configs/t2i_tiny.yaml --data demo_output/tokens \\
-        --tokenizer demo_output/runs/tokenizer-tiny/tokenizer --output demo_output/runs
+        --tokenizer demo_output/runs/tokenizer-tiny/tokenizer --output demo_output/runs/t2i-tiny
     ray job submit --working-dir . -- python jobs/train_t2i.py --config jobs/configs/t2i_7b.yaml \\
         --data s3://bucket/tokens --tokenizer s3://bucket/tokenizers/clipb_256 --llm /models/Llama-2-7b-hf \\
-        --output s3://bucket/runs --workers 64 --gpus-per-worker 1 --zero-stage 3 --mlflow-uri http://mlflow:5000
+        --output s3://bucket/runs/t2i-7b --workers 64 --gpus-per-worker 1 --zero-stage 3 --mlflow-uri http://mlflow:5000
 
-Checkpoints go to OUTPUT/NAME every checkpoint_every steps; running the same command again resumes from the latest
-one. The trained model is written to OUTPUT/NAME/model, the directory `jobs/generate.py --model` takes.
+--output RUN_DIR is the run's directory (the config's storage_path/name): checkpoints go there every
+checkpoint_every steps, running the same command again resumes from the latest one, and the trained model is
+written to RUN_DIR/model, the directory `jobs/generate.py --model` takes.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", action="append", help="token shards: a pretokenize output dir, files or globs")
     p.add_argument("--tokenizer", help="the image tokenizer that made the shards (directory or URI)")
     p.add_argument("--llm", help="a pretrained HF model directory, or a YAML/JSON file of decoder config fields")
-    p.add_argument("--output", help="checkpoints and the final model go to OUTPUT/NAME (path or s3:// URI)")
-    p.add_argument("--name", help="run name; the same name resumes")
+    p.add_argument("--output", help="the run directory: checkpoints and RUN_DIR/model (path or s3:// URI)")
     p.add_argument("--max-steps", type=int, help="optimiser steps")
     p.add_argument("--workers", type=int, help="Ray Train workers")
     p.add_argument("--gpus-per-worker", type=float, help="0 trains on CPU")
@@ -62,13 +62,19 @@ def config_from_args(args: argparse.Namespace) -> TrainT2IConfig:
             if not isinstance(fields, dict):
                 raise ValueError(f"{args.llm}: expected a mapping of decoder config fields")
             overrides += ["llm=null", f"llm_config={yaml.safe_dump(fields, default_flow_style=True).strip()}"]
-        else:
-            overrides += [f"llm={args.llm}"]
+        else:  # a pretrained directory, with its own text tokenizer
+            overrides += [f"llm={args.llm}", "llm_config={}", "text_tokenizer=null"]
     cfg = load_config(TrainT2IConfig, args.config, overrides)
+    storage_path = name = None
+    if args.output:
+        storage_path, _, name = args.output.rstrip("/").rpartition("/")
+        if not name:
+            raise ValueError(f"--output {args.output!r}: give the run directory, e.g. runs/t2i-1b")
+        storage_path = storage_path or "."
     flags = {
         "tokenizer": args.tokenizer,
-        "storage_path": args.output,
-        "name": args.name,
+        "storage_path": storage_path,
+        "name": name,
         "max_steps": args.max_steps,
         "workers": args.workers,
         "gpus_per_worker": args.gpus_per_worker,

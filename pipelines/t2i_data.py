@@ -10,7 +10,7 @@
 - A read task reads one shard (the epoch's seeded shard order) and visits its rows in a seeded permutation of
   (seed, epoch, shard). Every shard's file metadata must name the tokenizer the model trains with
   (`tokenizer_id`); a mismatch stops the job with both ids in the message.
-- Captions, per sample and epoch, with the draws of `sample_rng(seed, epoch, "caption", key)`: cut to the first
+- Captions, per sample and epoch, with the draws of `caption_rng(seed, epoch, shard, key)`: cut to the first
   sentence with probability `first_sentence_prob` (0.2), then replaced by "" with probability `caption_dropout`
   (0.1): the empty caption is exactly the null prompt sampling uses for classifier-free guidance (the official
   code defines the dropout and never applies it). The realised rates are counted and logged.
@@ -34,13 +34,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipelines.sources import Shard, expand_inputs
-from pipelines.train_data import sample_rng
-from tokenflow.llm.layout import T2ILayout
+
+# Read tasks import this module in fresh Ray worker processes: it imports neither torch nor the model code at the
+# top (T2IBatches, which runs in the training workers, imports them when used).
 
 
 @dataclass(kw_only=True)
@@ -58,6 +58,9 @@ class T2IDataConfig:
     max_text_tokens: int = 128
     """Text tokens (BOS included) the caption is cut or left-padded to (official: 128)."""
     read_batch_rows: int = 256
+    repeat: int = 1
+    """Passes over the shards per epoch (each pass with its own row order and caption draws): lets a tiny corpus
+    such as the demo's fill an epoch of many steps."""
 
     def __post_init__(self) -> None:
         if isinstance(self.input, str):
@@ -65,8 +68,8 @@ class T2IDataConfig:
         for name in ("caption_dropout", "first_sentence_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.max_text_tokens < 1 or self.read_batch_rows < 1:
-            raise ValueError("max_text_tokens and read_batch_rows must be >= 1")
+        if self.max_text_tokens < 1 or self.read_batch_rows < 1 or self.repeat < 1:
+            raise ValueError("max_text_tokens, read_batch_rows and repeat must be >= 1")
 
     @property
     def storage_options(self) -> dict:
@@ -84,6 +87,11 @@ def first_sentence(caption: str) -> str:
     text = caption.strip()
     m = _SENTENCE_END.search(text)
     return text if m is None else text[: m.end()].strip()
+
+
+def caption_rng(seed: int, epoch: int, shard_id: str, key: str) -> random.Random:
+    """The random stream of one caption's augmentation in one epoch (a str seed is hashed with SHA-512)."""
+    return random.Random(f"caption\x00{seed}\x00{epoch}\x00{shard_id}\x00{key}")
 
 
 def caption_policy(caption: str, rng: random.Random, first_sentence_prob: float, dropout: float):
@@ -107,6 +115,13 @@ def token_shards(inputs: list[str], storage_options: dict | None = None) -> list
             spec = spec.rstrip("/") + "/shards"
         expanded.append(spec)
     return expand_inputs(expanded, format="parquet", storage_options=opts)
+
+
+def repeated(shards: list[Shard], passes: int) -> list[Shard]:
+    """The shards `passes` times, each pass under its own shard ids (so its own row order and caption draws)."""
+    if passes == 1:
+        return list(shards)
+    return [Shard(s.path, f"{s.shard_id}#pass{p}", s.format) for p in range(passes) for s in shards]
 
 
 def shard_tokenizer_id(shard: Shard, storage_options: dict | None = None) -> str | None:
@@ -166,7 +181,7 @@ def read_t2i_shard(i: int, spec: _ReadSpec) -> Iterator[pa.Table]:
     keys, captions, tokens = (table.column(c).to_pylist() for c in ("key", "caption", "tokens"))
     rows = []
     for r in order:
-        rows.append(_row(spec, text_tokenizer, epoch, keys[r], captions[r], tokens[r]))
+        rows.append(_row(spec, text_tokenizer, epoch, shard.shard_id, keys[r], captions[r], tokens[r]))
         if len(rows) >= cfg.read_batch_rows:
             yield pa.Table.from_pylist(rows, schema=T2I_SCHEMA)
             rows = []
@@ -185,7 +200,7 @@ def _cached_tokenizer(ref):
     return _TOKENIZERS[key]
 
 
-def _row(spec: _ReadSpec, text_tokenizer, epoch: int, key: str, caption: str | None, tokens: list[int] | None) -> dict:
+def _row(spec: _ReadSpec, text_tokenizer, epoch: int, shard_id: str, key: str, caption, tokens) -> dict:
     out = {"key": key, "epoch": epoch, "reason": None, "caption_ids": None, "tokens": None}
     out.update(truncated=False, dropped=False)
     if tokens is None or len(tokens) != spec.tokens_per_image:
@@ -194,7 +209,7 @@ def _row(spec: _ReadSpec, text_tokenizer, epoch: int, key: str, caption: str | N
         return {**out, "reason": "tokens_range"}
     if caption is None:
         return {**out, "reason": "caption_missing"}
-    rng = sample_rng(spec.cfg.seed, epoch, "caption", key)
+    rng = caption_rng(spec.cfg.seed, epoch, shard_id, key)
     text, truncated, dropped = caption_policy(caption, rng, spec.cfg.first_sentence_prob, spec.cfg.caption_dropout)
     ids = text_tokenizer.encode(text, add_special_tokens=False)[: spec.cfg.max_text_tokens]
     return {**out, "caption_ids": ids, "tokens": list(tokens), "truncated": truncated, "dropped": dropped}
@@ -237,7 +252,7 @@ class T2IBatches:
     `consumed` counts the rows of this epoch's stream handed out or rejected (rejected rows count when a batch
     passes them), so resuming with `start_epoch(epoch, skip=consumed)` continues exactly where the run was."""
 
-    def __init__(self, shard, layout: T2ILayout, batch_size: int):
+    def __init__(self, shard, layout, batch_size: int):
         self.shard, self.layout, self.batch_size = shard, layout, batch_size
         self.rejects: Counter[str] = Counter()
         self.captions: Counter[str] = Counter()  # trained, truncated, dropped
@@ -275,7 +290,7 @@ class T2IBatches:
                 return False
         return True
 
-    def take(self) -> dict[str, torch.Tensor]:
+    def take(self) -> dict:
         """The next batch (after fill(batch_size) returned True): prefix_ids, prefix_valid (B, P), tokens (B, T)."""
         batch = []
         while len(batch) < self.batch_size:
@@ -287,6 +302,8 @@ class T2IBatches:
             self._good -= 1
             batch.append(row)
             self.captions.update(trained=1, truncated=int(row["truncated"]), dropped=int(row["dropped"]))
-        ids, valid = T2ILayout.stack([self.layout.prefix(r["caption_ids"]) for r in batch])
+        import torch
+
+        ids, valid = self.layout.stack([self.layout.prefix(r["caption_ids"]) for r in batch])
         tokens = torch.tensor([r["tokens"] for r in batch], dtype=torch.long)
         return {"prefix_ids": ids, "prefix_valid": valid, "tokens": tokens}

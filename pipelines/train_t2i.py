@@ -185,6 +185,11 @@ def build_model(cfg: TrainT2IConfig, info: dict, text_vocab: int, ds_config: dic
         llm = AutoModelForCausalLM.from_config(
             build_llm_config(llm_cfg), attn_implementation="sdpa", dtype=torch.float32
         )
+    if llm.get_input_embeddings().num_embeddings < text_vocab:
+        raise ValueError(
+            f"the text tokenizer has {text_vocab} ids but the decoder embeds only "
+            f"{llm.get_input_embeddings().num_embeddings}: pair the LLM with its own tokenizer"
+        )
     t2i = T2IConfig(
         llm=llm.config.to_dict(),
         scales=tuple(info["scales"]),
@@ -558,22 +563,31 @@ def _export(cfg, model, text_tok, info, state, tracker, rank) -> None:
 # ---- the driver ------------------------------------------------------------------------------------------------
 
 
+def _absolute_paths(cfg: TrainT2IConfig) -> TrainT2IConfig:
+    def local(path: str | None) -> str | None:
+        return path if path is None or "://" in path or path == "deepseek" else os.path.abspath(path)
+
+    return replace(cfg, tokenizer=local(cfg.tokenizer), llm=local(cfg.llm), text_tokenizer=local(cfg.text_tokenizer))
+
+
 def run(cfg: TrainT2IConfig) -> dict:
     """Train (or resume) and return a summary: the model directory and the last checkpoint."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.t2i_data import check_tokenizer_id, t2i_dataset, token_shards
+    from pipelines.t2i_data import check_tokenizer_id, repeated, t2i_dataset, token_shards
     from pipelines.train_data import EpochPlan
 
     if not cfg.data.input:
         raise ValueError("data.input is required: the token shards (a pretokenize output directory or files)")
     if not cfg.tokenizer:
         raise ValueError("tokenizer is required: the image tokenizer that made the token shards")
+    cfg = _absolute_paths(cfg)  # the workers run in another directory
     shards = token_shards(cfg.data.input, cfg.data.storage_options)
     info = image_tokenizer_info(cfg.tokenizer, cfg.storage_options)
     check_tokenizer_id(shards[0], info["id"], cfg.data.storage_options)  # fail now, not in a read task
+    shards = repeated(shards, cfg.data.repeat)
     text_tok = load_text_tokenizer(cfg)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)

@@ -628,3 +628,14 @@ def test_token_shards_of_a_glob_and_of_files(tmp_path):
     assert [s.path for s in token_shards([str(tmp_path / "out" / "shards" / "part-*.parquet")])] == files
     assert [s.path for s in token_shards(files[::-1])] == files
     assert [s.path for s in token_shards([str(tmp_path / "out" / "shards")])] == files
+
+
+def test_repeated_shards_get_their_own_ids_per_pass():
+    from pipelines.sources import Shard
+    from pipelines.t2i_data import repeated
+
+    shards = [Shard("/d/a.parquet", "a.parquet", "parquet"), Shard("/d/b.parquet", "b.parquet", "parquet")]
+    assert repeated(shards, 1) == shards
+    twice = repeated(shards, 2)
+    assert [s.shard_id for s in twice] == ["a.parquet#pass0", "b.parquet#pass0", "a.parquet#pass1", "b.parquet#pass1"]
+    assert [s.path for s in twice] == ["/d/a.parquet", "/d/b.parquet"] * 2

@@ -5,7 +5,14 @@ import torch
 
 from tests.unit.t2i_builders import CODES, T, layout, model, quantizer, training_batch
 from tokenflow.llm.layout import T2ILayout
-from tokenflow.llm.sampling import PRESETS, SamplingConfig, T2ISampler, filter_top_k_top_p, guidance
+from tokenflow.llm.sampling import (
+    PRESETS,
+    SamplingConfig,
+    T2ISampler,
+    filter_top_k_top_p,
+    guidance,
+    seeded_generators,
+)
 
 CAPTIONS = [[10, 11, 12], [13] * 12, [40, 41]]
 
@@ -32,6 +39,18 @@ def test_cached_sampling_gives_the_tokens_of_a_full_recompute(head, loop, cfg):
     assert 0 <= cached.min() and cached.max() < CODES
     assert torch.equal(run(sampler, ids, valid, config), cached)  # seeded: reproducible
     assert not torch.equal(run(sampler, ids, valid, config, seed=1), cached)
+
+
+def test_per_image_seeds_make_an_image_independent_of_its_batch_mates():
+    sampler, ids, valid = setup()
+    config = SamplingConfig.preset(1, cfg=3.0)
+    together = sampler.sample(ids, valid, config, seeded_generators([7, 8, 9]))
+    swapped = sampler.sample(ids[[2, 0, 1]], valid[[2, 0, 1]], config, seeded_generators([9, 7, 8]))
+    assert torch.equal(swapped, together[[2, 0, 1]])
+    other_seed = sampler.sample(ids, valid, config, seeded_generators([7, 8, 10]))
+    assert torch.equal(other_seed[:2], together[:2]) and not torch.equal(other_seed[2], together[2])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sampler.sample(ids, valid, config, seeded_generators([1, 2]))
 
 
 def test_greedy_cfg0_samples_are_the_conditional_models_argmax():

@@ -80,11 +80,21 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One multinomial draw per position: (B, n, K) -> (B, n)."""
+def draw(logits: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """One multinomial draw per position: (B, n, K) -> (B, n). A list of generators gives each image its own
+    stream, so an image depends on its own seed only, not on which other images share its batch."""
     b, n, k = logits.shape
-    probs = logits.softmax(dim=-1).view(-1, k)
-    return torch.multinomial(probs, 1, replacement=True, generator=generator).view(b, n)
+    probs = logits.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != b:
+            raise ValueError(f"{len(generator)} generators for a batch of {b}")
+        rows = [torch.multinomial(probs[i], 1, replacement=True, generator=g) for i, g in enumerate(generator)]
+        return torch.stack(rows).view(b, n)
+    return torch.multinomial(probs.view(-1, k), 1, replacement=True, generator=generator).view(b, n)
+
+
+def seeded_generators(seeds: list[int], device="cpu") -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
 class T2ISampler:
@@ -110,11 +120,12 @@ class T2ISampler:
         prompt_ids: Tensor,
         prompt_valid: Tensor,
         config: SamplingConfig,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         *,
         use_cache: bool = True,
     ) -> Tensor:
-        """(B, prefix_len) prompts (`T2ILayout.encode_prompts`) -> (B, T) image tokens, scale-major."""
+        """(B, prefix_len) prompts (`T2ILayout.encode_prompts`) -> (B, T) image tokens, scale-major. `generator`:
+        one for the batch, or one per image (`seeded_generators`)."""
         model, layout = self.model, self.layout
         b, device = prompt_ids.shape[0], prompt_ids.device
         if prompt_ids.shape[1] != layout.prefix_len:
