@@ -2,6 +2,7 @@
 shards from a saved image tokenizer, a real MLflow server, and a resumed run equal to an uninterrupted one."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -53,9 +54,13 @@ def test_zero3_resumed_run_equals_an_uninterrupted_one(ray_local, data, mlflow_s
 
     _, tok = data
     common = dict(zero_stage=3, mlflow_uri=mlflow_server, max_steps=8, checkpoint_every=4, log_every=4)
-    run(config(data, tmp_path, name="straight", **common))
+    # the uninterrupted run and the first half of the interrupted one are independent: run them side by side
+    straight: dict = {}
+    thread = threading.Thread(target=lambda: straight.update(run(config(data, tmp_path, name="straight", **common))))
+    thread.start()
     first = run(config(data, tmp_path, name="resumed", **{**common, "max_steps": 4}))
-    assert first["checkpoint"].endswith("step_00000004")
+    thread.join(timeout=600)
+    assert straight and first["checkpoint"].endswith("step_00000004")
     again = run(config(data, tmp_path, name="resumed", **common))
     assert again["checkpoint"].endswith("step_00000008")
 
