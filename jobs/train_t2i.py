@@ -19,36 +19,22 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
-import logging
 from dataclasses import replace
 
 import yaml
 
+from jobs._cli import config_parser, run_flags, run_job
 from pipelines.train_t2i import TrainT2IConfig, run
 from tokenflow.config import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = os.path.join(ROOT, "jobs/configs/t2i_tiny.yaml")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    with open(DEFAULTS) as fh:
-        epilog = f"A complete config ({os.path.relpath(DEFAULTS)}); change any field with --set:\n\n" + fh.read()
-    p = argparse.ArgumentParser(
-        description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", help="YAML file of TrainT2IConfig fields (jobs/configs/t2i_*.yaml)")
+    p = config_parser(__doc__, "jobs/configs/t2i_tiny.yaml", "TrainT2IConfig")
     p.add_argument("--data", action="append", help="token shards: a pretokenize output dir, files or globs")
     p.add_argument("--tokenizer", help="the image tokenizer that made the shards (directory or URI)")
     p.add_argument("--llm", help="a pretrained HF model directory, or a YAML/JSON file of decoder config fields")
     p.add_argument("--output", help="the run directory: checkpoints and RUN_DIR/model (path or s3:// URI)")
     p.add_argument("--max-steps", type=int, help="optimiser steps")
-    p.add_argument("--workers", type=int, help="Ray Train workers")
-    p.add_argument("--gpus-per-worker", type=float, help="0 trains on CPU")
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
-    p.add_argument("--micro-batch", type=int, help="samples per worker per forward")
-    p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="default: $MLFLOW_TRACKING_URI")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     return p.parse_args(argv)
 
 
@@ -71,34 +57,16 @@ def config_from_args(args: argparse.Namespace) -> TrainT2IConfig:
         if not name:
             raise ValueError(f"--output {args.output!r}: give the run directory, e.g. runs/t2i-1b")
         storage_path = storage_path or "."
-    flags = {
-        "tokenizer": args.tokenizer,
-        "storage_path": storage_path,
-        "name": name,
-        "max_steps": args.max_steps,
-        "workers": args.workers,
-        "gpus_per_worker": args.gpus_per_worker,
-        "zero_stage": args.zero_stage,
-        "micro_batch": args.micro_batch,
-        "mlflow_uri": args.mlflow_uri,
-    }
-    cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    own = dict(tokenizer=args.tokenizer, storage_path=storage_path, name=name, max_steps=args.max_steps)
+    cfg = replace(cfg, **run_flags(args, **own))
     if args.data:
         cfg = replace(cfg, data=replace(cfg.data, input=args.data))
     return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    try:
-        summary = run(config_from_args(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"model: {summary['model']}")
-    print(f"last checkpoint: {summary['checkpoint']}")
-    return 0
+    return run_job(lambda: run(config_from_args(args)), ["model", "checkpoint"])
 
 
 if __name__ == "__main__":

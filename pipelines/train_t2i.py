@@ -25,12 +25,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from pipelines.ray_train import (
+    RayTrainConfig,
+    all_have,
+    counter_metrics,
+    flat_params,
+    gather_counts,
+    git_commit,
+    make_trainer,
+    report_checkpoint,
+    restore_rng,
+    worker_device,
+)
 from pipelines.t2i_data import T2IDataConfig
 from tokenflow.train.config import OptimizerConfig
 
@@ -59,8 +70,9 @@ def _official_optimizer() -> OptimizerConfig:
 
 
 @dataclass(kw_only=True)
-class TrainT2IConfig:
-    """Everything `jobs/train_t2i.py` does; YAML keys and `--set key=value` overrides use these names."""
+class TrainT2IConfig(RayTrainConfig):
+    """Everything `jobs/train_t2i.py` does; YAML keys and `--set key=value` overrides use these names (the
+    run's workers, storage, checkpoints and tracking: `RayTrainConfig`)."""
 
     tokenizer: str = ""
     """The image tokenizer (a saved tokenizer directory, path or URI) whose token shards the model learns."""
@@ -81,39 +93,21 @@ class TrainT2IConfig:
     micro_batch: int = 16
     """Samples per worker per forward (official: 16 per GPU)."""
     zero_stage: int = 3
-    workers: int = 2
-    gpus_per_worker: float = 0.0
-    """0 trains on CPU (fp32); >= 1 on GPUs with bf16 autocast (fp32 weights and optimiser states)."""
-    cpus_per_worker: float = 1.0
-    worker_resources: dict[str, float] = field(default_factory=dict)
-    precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
     activation_checkpointing: bool = True
-    seed: int = 0
     name: str = "t2i"
-    storage_path: str = "runs"
-    s3_endpoint: str | None = None
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    max_failures: int = 3
-    log_every: int = 50
     sample_every: int = 1000
     """Steps between sample grids of `sample_prompts` (0: only at the end)."""
     sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
     sample_loop: int = 1
     sample_cfg: float = 7.5
-    mlflow_uri: str | None = None
     mlflow_experiment: str = "t2i"
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if min(self.micro_batch, self.workers, self.max_steps, self.grad_accum) < 1:
-            raise ValueError("micro_batch, workers, max_steps and grad_accum must be >= 1")
-        if min(self.checkpoint_every, self.log_every) < 1 or self.sample_every < 0:
-            raise ValueError("checkpoint_every and log_every must be >= 1, sample_every >= 0")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
+        super().__post_init__()
+        if self.max_steps < 1 or self.grad_accum < 1:
+            raise ValueError("max_steps and grad_accum must be >= 1")
+        if self.sample_every < 0:
+            raise ValueError("sample_every must be >= 0")
         if self.head not in ("image", "unified"):
             raise ValueError(f"head must be image or unified, not {self.head!r}")
         if self.llm is None and not self.llm_config:
@@ -122,17 +116,9 @@ class TrainT2IConfig:
             raise ValueError("a decoder built from llm_config needs text_tokenizer (a directory, or deepseek)")
 
     @property
-    def run_dir(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
-
-    @property
     def model_dir(self) -> str:
         """Where the trained model goes (`jobs/generate.py --model` takes it)."""
         return f"{self.run_dir}/model"
-
-    @property
-    def storage_options(self) -> dict:
-        return {"endpoint_url": self.s3_endpoint} if self.s3_endpoint else {}
 
 
 # ---- building -------------------------------------------------------------------------------------------------
@@ -226,16 +212,12 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 def train_loop(config: dict) -> None:
     cfg: TrainT2IConfig = config["cfg"]
     info: dict = config["tokenizer_info"]
-    use_cuda = cfg.gpus_per_worker > 0
-    if not use_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    device, amp = worker_device(cfg)  # before DeepSpeed's import: it picks its accelerator then
     import deepspeed
     import ray.train
-    import ray.train.torch
     import torch
 
     from pipelines.t2i_data import T2IBatches
-    from pipelines.train_tokenizer import _set_rng_state
     from pipelines.train_tracking import RunTracker
     from tokenflow import Tokenizer
     from tokenflow.llm.layout import T2ILayout
@@ -245,10 +227,6 @@ def train_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
-    amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)) else None
-    if amp is not None and device.type != "cuda":
-        raise ValueError("bf16 training needs GPUs (gpus_per_worker >= 1); use precision fp32 on CPU")
 
     image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
     image_tok.requires_grad_(False)
@@ -294,7 +272,7 @@ def train_loop(config: dict) -> None:
             engine.load_checkpoint(os.path.join(d, "model"), tag="state")
             with open(os.path.join(d, "state.json")) as fh:
                 state = json.load(fh)
-            _set_rng_state(torch.load(os.path.join(d, "rng", f"rank_{rank}.pt"), weights_only=True))
+            restore_rng(d, rank)
         if len(state["consumed"]) != world:
             raise ValueError(
                 f"the checkpoint was written by {len(state['consumed'])} workers; resume with the same number"
@@ -305,16 +283,14 @@ def train_loop(config: dict) -> None:
 
     tracker = RunTracker.disabled()
     if rank == 0:
-        from pipelines.train_tokenizer import _flat_params, _git_commit
-
         tracker = RunTracker.start(
             cfg.mlflow_uri,
             experiment=cfg.mlflow_experiment,
             run_id=state["mlflow_run_id"],
             run_name=cfg.name,
-            params=_flat_params(cfg),
+            params=flat_params(cfg),
             tags={
-                "git_commit": _git_commit(),
+                "git_commit": git_commit(),
                 "dataset": ",".join(cfg.data.input),
                 "image_tokenizer": cfg.tokenizer,
                 "image_tokenizer_id": info["id"],
@@ -351,19 +327,14 @@ def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, sta
         dist.barrier()
         batches.start_epoch(epoch, skip)
 
-    def all_have(n: int) -> bool:
-        flag = torch.tensor([1 if batches.fill(n) else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
     step, epoch = state["step"], state["epoch"]
     start_epoch(epoch, state["consumed"][rank])
     window, t0 = {}, time.time()
     while step < cfg.max_steps:
-        if not all_have(cfg.micro_batch * cfg.grad_accum):
+        if not all_have(batches, cfg.micro_batch * cfg.grad_accum):
             epoch += 1
             start_epoch(epoch, 0)
-            if not all_have(cfg.micro_batch * cfg.grad_accum):
+            if not all_have(batches, cfg.micro_batch * cfg.grad_accum):
                 raise RuntimeError(
                     f"one epoch of the token shards gives some worker fewer than {cfg.micro_batch * cfg.grad_accum} "
                     "samples (micro_batch x grad_accum): add data, or lower micro_batch, grad_accum or workers"
@@ -380,7 +351,7 @@ def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, sta
         step += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             metrics = _reduce_window(window, engine, time.time() - t0)
-            metrics.update(_counter_metrics(base_rejects, batches.rejects, "data/rejected"))
+            metrics.update(counter_metrics(base_rejects, batches.rejects, "data/rejected"))
             metrics.update(_caption_metrics(base_captions, batches.captions))
             metrics["data/epoch"] = epoch
             metrics["data/samples_seen"] = step * cfg.micro_batch * cfg.grad_accum * world
@@ -427,27 +398,9 @@ def _reduce_window(window: dict, engine, elapsed: float) -> dict[str, float]:
     return out
 
 
-def _gather_counts(mine: Counter) -> Counter:
-    import torch.distributed as dist
-
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(mine))
-    total = Counter()
-    for c in gathered:
-        total.update(c)
-    return total
-
-
-def _counter_metrics(base: Counter, mine: Counter, prefix: str) -> dict[str, float]:
-    total = base + _gather_counts(mine)
-    out = {f"{prefix}.{r}": float(n) for r, n in total.items()}
-    out[prefix] = float(sum(total.values()))
-    return out
-
-
 def _caption_metrics(base: Counter, mine: Counter) -> dict[str, float]:
     """The realised caption augmentation rates since the run began (restarts included)."""
-    total = base + _gather_counts(mine)
+    total = base + gather_counts(mine)
     trained = max(total.get("trained", 0), 1)
     return {
         "data/caption_dropout_rate": total.get("dropped", 0) / trained,
@@ -486,32 +439,19 @@ def _log_samples(cfg, model, image_tok, text_tok, layout, tracker, step, device,
 
 
 def _save_checkpoint(engine, batches, state, base_rejects, base_captions, rank, world) -> None:
-    import ray.train
-    import torch
+    """Every rank saves its engine shard (and RNG state); rank 0 adds each rank's data position, the pooled counts
+    and the MLflow run id."""
     import torch.distributed as dist
-
-    from pipelines.train_tokenizer import _rng_state
 
     consumed: list = [None] * world
     dist.all_gather_object(consumed, batches.consumed)
-    rejects, captions = base_rejects + _gather_counts(batches.rejects), base_captions + _gather_counts(batches.captions)
-    tmp = tempfile.mkdtemp(prefix=f"t2i_ckpt_rank{rank}_")
-    try:
+    rejects, captions = base_rejects + gather_counts(batches.rejects), base_captions + gather_counts(batches.captions)
+    with report_checkpoint(rank, state["step"], {"step": state["step"], "epoch": state["epoch"]}) as tmp:
         engine.save_checkpoint(os.path.join(tmp, "model"), tag="state")
-        os.makedirs(os.path.join(tmp, "rng"))
-        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank}.pt"))
         if rank == 0:
             saved = {**state, "consumed": consumed, "rejects": dict(rejects), "captions": dict(captions)}
             with open(os.path.join(tmp, "state.json"), "w") as fh:
                 json.dump(saved, fh)
-        dist.barrier()
-        ray.train.report(
-            {"step": state["step"], "epoch": state["epoch"]},
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"step_{state['step']:08d}",
-        )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def gathered_state_dict(model, zero3: bool, rank: int) -> dict:
@@ -573,8 +513,7 @@ def _absolute_paths(cfg: TrainT2IConfig) -> TrainT2IConfig:
 def run(cfg: TrainT2IConfig) -> dict:
     """Train (or resume) and return a summary: the model directory and the last checkpoint."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import DataConfig
 
     from pipelines.t2i_data import check_tokenizer_id, repeated, t2i_dataset, token_shards
     from pipelines.train_data import EpochPlan
@@ -602,35 +541,14 @@ def run(cfg: TrainT2IConfig) -> dict:
         tokens_per_image=sum(s * s for s in info["scales"]),
         codebook_size=info["codebook_size"],
     )
-    resources = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
-    if cfg.gpus_per_worker:
-        resources["GPU"] = cfg.gpus_per_worker
-    storage_path, storage_fs = cfg.storage_path, None
-    if cfg.storage_path.startswith("s3://") and cfg.s3_endpoint:
-        import pyarrow.fs
-
-        storage_fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.s3_endpoint)
-        storage_path = cfg.storage_path.removeprefix("s3://")
-    elif "://" not in cfg.storage_path:
-        storage_path = os.path.abspath(cfg.storage_path)
-        cfg = replace(cfg, storage_path=storage_path)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # a worker's stream is then a function of the data and the seed: exact resume
-    trainer = TorchTrainer(
+    trainer, cfg = make_trainer(
+        cfg,
         train_loop,
-        train_loop_config={"cfg": cfg, "plan": plan, "tokenizer_info": info},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+        {"plan": plan, "tokenizer_info": info},
+        {"train": dataset},
+        DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
     result = trainer.fit()
     return {"model": cfg.model_dir, "checkpoint": result.checkpoint.path if result.checkpoint else None}

@@ -22,94 +22,60 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipelines.ray_train import (
+    RayTrainConfig,
+    all_have,
+    counter_metrics,
+    flat_params,
+    gather_counts,
+    git_commit,
+    make_trainer,
+    report_checkpoint,
+    restore_rng,
+    worker_device,
+)
 from pipelines.train_data import TrainDataConfig
-from tokenflow.config import to_dict
 from tokenflow.train.config import TrainConfig
 
 log = logging.getLogger("train_tokenizer")
 
 
 @dataclass(kw_only=True)
-class TrainTokenizerConfig:
-    """Everything `jobs/train_tokenizer.py` does; YAML keys and `--set key=value` overrides use these names."""
+class TrainTokenizerConfig(RayTrainConfig):
+    """Everything `jobs/train_tokenizer.py` does; YAML keys and `--set key=value` overrides use these names (the
+    run's workers, storage, checkpoints and tracking: `RayTrainConfig`)."""
 
     tokenizer: str = "preset:tiny"
     """The model to train: preset:NAME (random init; the semantic encoder loads the pretrained weights its
     preset names) or a saved tokenizer directory (path or URI) to start from, e.g. for the decoder stages."""
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage 0-3 (both engines)."""
-    micro_batch: int = 8
-    """Images per worker per forward."""
-    workers: int = 2
-    """Ray Train workers (one per GPU on GPU clusters)."""
-    gpus_per_worker: float = 0.0
-    """0 trains on CPU (fp32); >= 1 on GPUs with bf16 autocast (fp32 weights and optimiser states)."""
-    cpus_per_worker: float = 1.0
-    worker_resources: dict[str, float] = field(default_factory=dict)
-    """Custom resources each worker asks for, e.g. {train_slot: 1}, to place workers on a node type."""
-    precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
-    seed: int = 0
-    """Seeds the model initialisation (identical on every worker) and the training randomness."""
     name: str = "tokenizer"
-    """The run's name: checkpoints go to storage_path/name; the same name resumes."""
-    storage_path: str = "runs"
-    """Where checkpoints and the final tokenizer go: a local path (shared storage on multi-node clusters, e.g.
-    NFS) or an s3:// URI."""
-    s3_endpoint: str | None = None
-    """Endpoint URL of an S3-compatible store for storage_path (data.s3_endpoint is the inputs')."""
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    max_failures: int = 3
-    """Worker-group restarts from the latest checkpoint before the run fails."""
-    log_every: int = 50
-    """Steps per metrics window (losses averaged, codebook statistics counted exactly over it)."""
     image_every: int = 1000
     """Steps between a reconstruction grid and a codebook usage histogram (a multiple of log_every)."""
     eval_every: int = 1000
     """Steps between evaluations on the held-out images (0: only at the end)."""
-    mlflow_uri: str | None = None
-    """Tracking URI (http://host:5000, sqlite:///path/mlflow.db); None: no tracking."""
     mlflow_experiment: str = "tokenizer"
     dataset_name: str | None = None
     """The `dataset` tag of the MLflow run (default: the inputs)."""
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.micro_batch < 1 or self.workers < 1:
-            raise ValueError("micro_batch and workers must be >= 1")
-        if min(self.checkpoint_every, self.log_every, self.image_every) < 1 or self.eval_every < 0:
-            raise ValueError("checkpoint_every, log_every and image_every must be >= 1, eval_every >= 0")
+        super().__post_init__()
+        if self.image_every < 1 or self.eval_every < 0:
+            raise ValueError("image_every must be >= 1, eval_every >= 0")
         if self.image_every % self.log_every:
             raise ValueError(f"image_every ({self.image_every}) must be a multiple of log_every ({self.log_every})")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
-            raise ValueError("gpus_per_worker and cpus_per_worker must be >= 0")
-
-    @property
-    def run_dir(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
 
     @property
     def tokenizer_dir(self) -> str:
         """Where the trained tokenizer is written (`jobs/pretokenize.py --tokenizer` takes it)."""
         return f"{self.run_dir}/tokenizer"
-
-    @property
-    def storage_options(self) -> dict:
-        return {"endpoint_url": self.s3_endpoint} if self.s3_endpoint else {}
 
 
 # ---- building the model on a worker ----------------------------------------------------------------------------
@@ -143,32 +109,6 @@ def tokenizer_preprocess(spec: str, storage_options: dict | None = None):
 # ---- the worker loop -------------------------------------------------------------------------------------------
 
 
-def _rng_state() -> dict:
-    """Every random stream of this process, as tensors and plain values (loadable with weights_only=True)."""
-    import torch
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 class _Window:
     """What happened since the last log line on this worker: sums of each metric, images, codebook counts."""
 
@@ -195,11 +135,8 @@ class _Window:
 def train_loop(config: dict) -> None:
     """The Ray Train worker function: `config` holds the job config, the epoch-plan actor and the image size."""
     cfg: TrainTokenizerConfig = config["cfg"]
-    use_cuda = cfg.gpus_per_worker > 0
-    if not use_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    device, amp = worker_device(cfg)  # before DeepSpeed's import: it picks its accelerator then
     import ray.train
-    import ray.train.torch
     import torch
 
     from pipelines.train_data import MicroBatches
@@ -210,10 +147,6 @@ def train_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
-    amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)) else None
-    if amp is not None and device.type != "cuda":
-        raise ValueError("bf16 training needs GPUs (gpus_per_worker >= 1); use precision fp32 on CPU")
 
     # every worker builds the same initial weights (DeepSpeed also broadcasts them)
     tok = prepare_stage(
@@ -238,9 +171,7 @@ def train_loop(config: dict) -> None:
             disc.load_checkpoint(os.path.join(d, "discriminator"), tag="state")
             with open(os.path.join(d, "state.json")) as fh:
                 state = json.load(fh)
-            rng_file = os.path.join(d, "rng", f"rank_{rank}.pt")
-            if os.path.exists(rng_file):
-                _set_rng_state(torch.load(rng_file, weights_only=True))
+            restore_rng(d, rank)
         state["restarts"] = state.get("restarts", 0) + 1
         log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
     else:
@@ -258,9 +189,9 @@ def train_loop(config: dict) -> None:
             experiment=cfg.mlflow_experiment,
             run_id=state["mlflow_run_id"],
             run_name=cfg.name,
-            params=_flat_params(cfg),
+            params=flat_params(cfg),
             tags={
-                "git_commit": _git_commit(),
+                "git_commit": git_commit(),
                 "dataset": cfg.dataset_name or ",".join(cfg.data.input),
                 "tokenizer": cfg.tokenizer,
                 "stage": cfg.train.stage,
@@ -306,7 +237,6 @@ def _train(
 ):
     """The step loop of `train_loop`, from the restored state to max_steps, then the export."""
     import ray
-    import torch
     import torch.distributed as dist
 
     from pipelines.train_data import DataPosition
@@ -319,21 +249,16 @@ def _train(
         if rank == 0 and position is not None and position.get("epoch") == epoch:
             batches.position = DataPosition.from_dict(position)  # keys consumed before the restart stay consumed
 
-    def all_have(n: int) -> bool:
-        flag = torch.tensor([1 if batches.fill(n) else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
     step, epoch = state["step"], state["epoch"]
     need = cfg.micro_batch * cfg.train.grad_accum
     start_epoch(epoch, state["position"])
     window = _Window(tok.scales, tok.codebook_size, tok.num_codebooks)
     last_x = None
     while step < cfg.train.max_steps:
-        if not all_have(need):
+        if not all_have(batches, need):
             epoch += 1
             start_epoch(epoch, None)
-            if not all_have(need):
+            if not all_have(batches, need):
                 raise RuntimeError(
                     f"one epoch of the training data gives some worker fewer than {need} images (micro_batch x "
                     f"grad_accum): add data, or lower micro_batch, grad_accum or workers"
@@ -346,7 +271,7 @@ def _train(
         step += 1
         if step % cfg.log_every == 0 or step == cfg.train.max_steps:
             logged = _reduce_window(window, gen, disc, world)
-            logged.update(_reject_metrics(base_rejects, batches.rejects))
+            logged.update(counter_metrics(base_rejects, batches.rejects, "data/rejected"))
             logged["data/epoch"] = epoch
             logged["data/samples_seen"] = step * need * world
             tracker.metrics(logged, step)
@@ -369,28 +294,6 @@ def _short(metrics: dict) -> str:
     return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
 
 
-def _flat_params(cfg: TrainTokenizerConfig) -> dict[str, str]:
-    from pipelines.tracking import flatten
-
-    return {k: v[:6000] for k, v in flatten(to_dict(cfg)).items()}
-
-
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _reduce_window(window: _Window, gen, disc, world: int) -> dict[str, float]:
     """Window means over all workers, exact pooled codebook statistics, throughput, lr and grad norms."""
     import torch
@@ -411,20 +314,6 @@ def _reduce_window(window: _Window, gen, disc, world: int) -> dict[str, float]:
         norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else engine.grad_norm
         if norm is not None:
             out[name] = float(norm)
-    return out
-
-
-def _reject_metrics(base: Counter, mine: Counter) -> dict[str, float]:
-    """Bad samples skipped so far, summed over workers (and over the runs before a restart)."""
-    import torch.distributed as dist
-
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(mine))
-    total = Counter(base)
-    for c in gathered:
-        total.update(c)
-    out = {f"data/rejected.{r}": float(n) for r, n in total.items()}
-    out["data/rejected"] = float(sum(total.values()))
     return out
 
 
@@ -500,37 +389,20 @@ def _evaluate(tok, images, device, amp, world: int, tracker, step: int, chunk: i
 
 
 def _save_checkpoint(gen, disc, batches, state: dict, base_rejects: Counter, rank: int, world: int, metrics) -> None:
-    """Every rank saves its engine shards and RNG state; rank 0 adds the merged data position, reject counts and
+    """Every rank saves its engine shards (and RNG state); rank 0 adds the merged data position, reject counts and
     MLflow run id; Ray Train merges the ranks' files into one checkpoint directory."""
-    import ray.train
-    import torch
     import torch.distributed as dist
 
     positions: list = [None] * world
     dist.all_gather_object(positions, batches.position)
-    rejects: list = [None] * world
-    dist.all_gather_object(rejects, dict(batches.rejects))
-    tmp = tempfile.mkdtemp(prefix=f"tokenizer_ckpt_rank{rank}_")
-    try:
+    rejects = base_rejects + gather_counts(batches.rejects)
+    with report_checkpoint(rank, state["step"], metrics) as tmp:
         gen.save_checkpoint(os.path.join(tmp, "generator"), tag="state")
         disc.save_checkpoint(os.path.join(tmp, "discriminator"), tag="state")
-        os.makedirs(os.path.join(tmp, "rng"))
-        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank}.pt"))
         if rank == 0:
-            total = Counter(base_rejects)
-            for c in rejects:
-                total.update(c)
-            saved = {**state, "position": positions[0].merged(positions[1:]).to_dict(), "rejects": dict(total)}
+            saved = {**state, "position": positions[0].merged(positions[1:]).to_dict(), "rejects": dict(rejects)}
             with open(os.path.join(tmp, "state.json"), "w") as fh:
                 json.dump(saved, fh)
-        dist.barrier()
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"step_{state['step']:08d}",
-        )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _export(tok, cfg: TrainTokenizerConfig, rank: int, tracker, state: dict) -> None:
@@ -566,8 +438,7 @@ def _export(tok, cfg: TrainTokenizerConfig, rank: int, tracker, state: dict) -> 
 def run(cfg: TrainTokenizerConfig) -> dict:
     """Train (or resume) and return a summary: the tokenizer directory, steps, the Ray Train result path."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import DataConfig
 
     from pipelines.sources import expand_inputs
     from pipelines.train_data import EpochPlan, eval_dataset, train_dataset
@@ -600,33 +471,12 @@ def run(cfg: TrainTokenizerConfig) -> dict:
     has_eval = cfg.data.eval_images > 0 and (bool(cfg.data.eval_input) or cfg.data.eval_fraction > 0)
     if has_eval:
         datasets["eval"] = eval_dataset(cfg.data, eval_shards, preprocess)
-    resources = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
-    if cfg.gpus_per_worker:
-        resources["GPU"] = cfg.gpus_per_worker
-    storage_path, storage_fs = cfg.storage_path, None
-    if cfg.storage_path.startswith("s3://") and cfg.s3_endpoint:
-        import pyarrow.fs
-
-        storage_fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.s3_endpoint)
-        storage_path = cfg.storage_path.removeprefix("s3://")
-    elif "://" not in cfg.storage_path:
-        storage_path = os.path.abspath(cfg.storage_path)
-        cfg = replace(cfg, storage_path=storage_path)
-    trainer = TorchTrainer(
+    trainer, cfg = make_trainer(
+        cfg,
         train_loop,
-        train_loop_config={"cfg": cfg, "plan": plan, "has_eval": has_eval},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker reads all of "eval", takes its part
+        {"plan": plan, "has_eval": has_eval},
+        datasets,
+        DataConfig(datasets_to_split=["train"]),  # every worker reads all of "eval", takes its part
     )
     result = trainer.fit()
     return {"tokenizer": cfg.tokenizer_dir, "checkpoint": result.checkpoint.path if result.checkpoint else None}

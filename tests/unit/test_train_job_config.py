@@ -72,15 +72,15 @@ def test_rng_state_of_a_checkpoint_round_trips_through_a_weights_only_load():
     import numpy as np
     import torch
 
-    from pipelines.train_tokenizer import _rng_state, _set_rng_state
+    from pipelines.ray_train import rng_state, set_rng_state
 
     random.seed(3)
     np.random.seed(4)
     torch.manual_seed(5)
     np.random.normal()  # leaves a cached Gaussian in numpy's state
     buf = io.BytesIO()
-    torch.save(_rng_state(), buf)
+    torch.save(rng_state(), buf)
     draws = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3).tolist())
     buf.seek(0)
-    _set_rng_state(torch.load(buf, weights_only=True))  # no pickled classes: safe to read from shared storage
+    set_rng_state(torch.load(buf, weights_only=True))  # no pickled classes: safe to read from shared storage
     assert (random.random(), np.random.normal(), np.random.rand(), torch.rand(3).tolist()) == draws
