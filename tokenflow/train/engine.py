@@ -32,15 +32,27 @@ def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
 class LocalEngine:
     """Adam (or AdamW) over a module's trainable parameters with DeepSpeed's call/backward/step semantics."""
 
-    def __init__(self, module: nn.Module, cfg: OptimizerConfig, *, max_steps: int, grad_accum: int = 1):
+    def __init__(
+        self,
+        module: nn.Module,
+        cfg: OptimizerConfig,
+        *,
+        max_steps: int,
+        grad_accum: int = 1,
+        param_groups: list[dict] | None = None,
+    ):
+        """`param_groups`: torch optimiser groups (e.g. no weight decay on norms), as DeepSpeed's
+        `model_parameters`; default: every trainable parameter of `module` in one group."""
         self.module = module
         self.cfg = cfg
         self.grad_accum = grad_accum
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        groups = param_groups if param_groups is not None else [{"params": module.parameters()}]
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+        self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise ValueError(f"{type(module).__name__} has no trainable parameters")
         adam = torch.optim.AdamW if cfg.decoupled_weight_decay else torch.optim.Adam
-        self.optimizer = adam(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.optimizer = adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, max_steps))
         self.micro_steps = 0
         self.global_steps = 0
