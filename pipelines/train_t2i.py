@@ -94,6 +94,10 @@ class TrainT2IConfig(RayTrainConfig):
     """Samples per worker per forward (official: 16 per GPU)."""
     zero_stage: int = 3
     activation_checkpointing: bool = True
+    attention: str = "sdpa"
+    """The training forward's attention: sdpa (dense block-causal mask) or flex (FlexAttention with a BlockMask,
+    compiled; GPUs only: torch has no FlexAttention backward on CPU). `bench/t2i_attention.py` says which is faster
+    on a given GPU."""
     name: str = "t2i"
     sample_every: int = 1000
     """Steps between sample grids of `sample_prompts` (0: only at the end)."""
@@ -110,6 +114,8 @@ class TrainT2IConfig(RayTrainConfig):
             raise ValueError("sample_every must be >= 0")
         if self.head not in ("image", "unified"):
             raise ValueError(f"head must be image or unified, not {self.head!r}")
+        if self.attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention must be sdpa or flex, not {self.attention!r}")
         if self.llm is None and not self.llm_config:
             raise ValueError("give llm (a pretrained model directory) or llm_config (a decoder config)")
         if self.llm is None and self.text_tokenizer is None:
@@ -191,7 +197,7 @@ def build_model(cfg: TrainT2IConfig, info: dict, text_vocab: int, ds_config: dic
     else:
         context = contextlib.nullcontext()
     with context:
-        return T2IModel(t2i, llm=llm)
+        return T2IModel(t2i, llm=llm, attention=cfg.attention)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -518,6 +524,8 @@ def run(cfg: TrainT2IConfig) -> dict:
     from pipelines.t2i_data import check_tokenizer_id, repeated, t2i_dataset, token_shards
     from pipelines.train_data import EpochPlan
 
+    if cfg.attention == "flex" and cfg.gpus_per_worker <= 0:
+        raise ValueError("attention flex trains on GPUs only (torch has no FlexAttention backward on CPU)")
     if not cfg.data.input:
         raise ValueError("data.input is required: the token shards (a pretokenize output directory or files)")
     if not cfg.tokenizer:

@@ -52,3 +52,14 @@ def test_configs_load_with_the_official_recipe():
         o = c.optimizer
         assert (o.lr, o.betas, o.weight_decay, o.warmup_steps, o.max_grad_norm) == (5e-4, (0.9, 0.999), 0.1, 5000, 0.5)
         assert o.decoupled_weight_decay and c.zero_stage == 3 and c.micro_batch == 16 and c.data.max_text_tokens == 128
+
+
+def test_attention_choice():
+    from pipelines.train_t2i import run
+
+    assert cfg().attention == "sdpa"
+    assert cfg("--set", "attention=flex", "--gpus-per-worker", "1").attention == "flex"
+    with pytest.raises(ValueError, match="GPUs only"):
+        run(cfg("--set", "attention=flex"))  # refused before anything starts
+    with pytest.raises(ValueError, match="attention must be sdpa or flex"):
+        cfg("--set", "attention=eager")

@@ -9,8 +9,9 @@ What is added to the Hugging Face decoder (Llama or Qwen2, pretrained or built f
 - `pos_embed` (T x H): row r is added at the position that predicts image token r;
 - QK-norm: an RMSNorm (eps 1e-6) over the head dim on q and k, before RoPE, in every layer;
 - post-sublayer norm: x + norm1(attn(x)), then x + norm2(mlp(x)), reusing the decoder's two norm weights;
-- attention through `F.scaled_dot_product_attention` with a 4-D boolean mask (`tokenflow.llm.mask`): never
-  eager attention (which misreads boolean masks), never FlashAttention (which cannot take this mask).
+- attention through `F.scaled_dot_product_attention` with a 4-D boolean mask (`tokenflow.llm.mask`), or through
+  FlexAttention with a `BlockMask` made from the same rule: never eager attention (which misreads boolean
+  masks), never FlashAttention (which cannot take this mask).
 
 The output head, `head`:
 - "image" (the default for new models): `image_head` = Linear(H, codebook) scores image tokens only; the
@@ -23,11 +24,24 @@ The output head, `head`:
 The decoder's layers are driven by `backbone` (not by the HF forward), so the same code runs training with the
 dense block-causal mask and cached sampling one scale at a time. Every parameter is reached through a module
 call, so DeepSpeed ZeRO-3 gathers it.
+
+Attention, a runtime choice (`T2IModel(..., attention=)`, `from_pretrained(..., attention=)` or
+`model.set_attention(...)`; not saved with the model, the weights do not depend on it):
+- "sdpa" (the default): the training forward builds the dense (B, 1, L, L) boolean mask; SDPA then runs its
+  memory-efficient or math kernel. Works everywhere, in training and sampling.
+- "flex": the training forward builds a `BlockMask` from the same `mask_mod` and the layers call FlexAttention,
+  compiled once per process on CUDA. It skips the blocks the mask leaves empty (the text never sees the image,
+  the causal upper triangle) and never materialises an L x L mask: use it for training on GPU when
+  `bench/t2i_attention.py` shows it faster. On CPU torch runs FlexAttention eagerly, forward only (it refuses
+  the backward there), so CPU training stays on "sdpa".
+The type of the mask picks the kernel in every layer: a `BlockMask` goes to FlexAttention, a tensor to SDPA. Cached
+sampling (`KVCache`, `tokenflow.llm.sampling`) always passes dense step masks, so it runs SDPA under either choice.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -39,14 +53,16 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from tokenflow.llm.kv_cache import KVCache
-from tokenflow.llm.mask import scale_index
+from tokenflow.llm.mask import scale_index, t2i_attention_mask, t2i_mask_mod
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT_VERSION = 1
+ATTENTION = ("sdpa", "flex")
 
 
 @dataclass
@@ -160,10 +176,26 @@ class PositionEmbedding(nn.Module):
         return self.weight[first : first + count]
 
 
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once per process: eager FlexAttention is an unfused reference that materialises the
+    whole score matrix. Static shapes: every training batch has the layout's one length."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float) -> Tensor:
+    """FlexAttention, compiled on CUDA; elsewhere eager (compiling it on CPU takes a minute and gives no backward).
+    q and k leave RoPE in the residual stream's dtype: cast to v's, as autocast does for SDPA (flex wants one)."""
+    attend = compiled_flex_attention() if q.device.type == "cuda" else flex_attention
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class T2IModel(nn.Module):
-    def __init__(self, config: T2IConfig, llm: nn.Module | None = None):
+    def __init__(self, config: T2IConfig, llm: nn.Module | None = None, *, attention: str = "sdpa"):
         """`llm`: a loaded HF causal LM (e.g. `AutoModelForCausalLM.from_pretrained(dir)`); built from
-        `config.llm` (random weights) when None. For ZeRO-3, construct inside `deepspeed.zero.Init`."""
+        `config.llm` (random weights) when None. For ZeRO-3, construct inside `deepspeed.zero.Init`.
+        `attention`: "sdpa" or "flex", the kernel of the training forward (module docstring; `set_attention`)."""
         super().__init__()
         from transformers import AutoModelForCausalLM
 
@@ -196,6 +228,17 @@ class T2IModel(nn.Module):
             if llm.get_input_embeddings().num_embeddings != want:
                 llm.resize_token_embeddings(want, mean_resizing=False)
         self.register_buffer("_scale_of_token", scale_index(config.scales), persistent=False)
+        self.set_attention(attention)
+
+    def set_attention(self, attention: str) -> T2IModel:
+        """How `forward` attends: "sdpa" or "flex" (cached sampling is SDPA either way). A runtime choice, like the
+        device: it is not written by `save_pretrained`."""
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if attention == "flex" and getattr(self.llm.config, "attention_dropout", 0.0):
+            raise ValueError("FlexAttention has no attention dropout: use attention='sdpa' with attention_dropout > 0")
+        self.attention = attention
+        return self
 
     # ---- sizes ----------------------------------------------------------------------------------------------
 
@@ -250,9 +293,24 @@ class T2IModel(nn.Module):
 
     # ---- the decoder ----------------------------------------------------------------------------------------
 
-    def backbone(self, x: Tensor, mask: Tensor, position_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Run the decoder layers and the final norm. x (B, n, H); mask (B, 1, n, keys) bool, True = attend;
-        position_ids (1 or B, n). With a cache, keys are the cached positions then these n."""
+    def training_mask(self, key_valid: Tensor, image_start: int) -> Tensor | BlockMask:
+        """The block-causal mask of whole training sequences (`tokenflow.llm.mask`) in the form the chosen attention
+        takes: dense (B, 1, L, L) bool for SDPA, a `BlockMask` (broadcast over heads) for FlexAttention. Lengths
+        that are not a multiple of the 128-token block are fine: FlexAttention masks the last partial block."""
+        if self.attention == "sdpa":
+            return t2i_attention_mask(key_valid, image_start, self.config.scales)
+        b, length = key_valid.shape
+        mask_mod = t2i_mask_mod(key_valid, image_start, self.config.scales)
+        return create_block_mask(mask_mod, b, None, length, length, device=key_valid.device)
+
+    def backbone(
+        self, x: Tensor, mask: Tensor | BlockMask, position_ids: Tensor, cache: KVCache | None = None
+    ) -> Tensor:
+        """Run the decoder layers and the final norm. x (B, n, H); mask (B, 1, n, keys) bool, True = attend, or a
+        `BlockMask` over the whole sequence (no cache); position_ids (1 or B, n). With a cache, keys are the
+        cached positions then these n."""
+        if isinstance(mask, BlockMask) and cache is not None:
+            raise ValueError("a BlockMask (FlexAttention) serves whole sequences only: cached steps take a dense mask")
         inner = self.llm.model
         cos, sin = inner.rotary_emb(x, position_ids=position_ids)
         for i in range(self.num_layers):
@@ -262,7 +320,9 @@ class T2IModel(nn.Module):
                 x = self._layer(i, x, cos, sin, mask, cache)
         return inner.norm(x)
 
-    def _layer(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None) -> Tensor:
+    def _layer(
+        self, i: int, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask, cache: KVCache | None
+    ) -> Tensor:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         layer = self.llm.model.layers[i]
@@ -276,15 +336,18 @@ class T2IModel(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(i, k, v)
-        o = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=attn.attention_dropout if self.training else 0.0,
-            scale=attn.scaling,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        if isinstance(mask, BlockMask):
+            o = flex_attend(q, k, v, mask, attn.scaling)
+        else:
+            o = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=attn.attention_dropout if self.training else 0.0,
+                scale=attn.scaling,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
         o = attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         x = x + layer.input_layernorm(o)  # post-sublayer norm: the sublayers see the raw residual stream
         return x + layer.post_attention_layernorm(layer.mlp(x))
@@ -315,12 +378,10 @@ class T2IModel(nn.Module):
         """Teacher-forced loss sums for sequences laid out as `tokenflow.llm.layout` (input_ids and key_valid
         (B, L), image_tokens (B, T), image_inputs (B, T - 1, code_dim), text_labels (B, image_start) from
         `T2ILayout.text_targets`)."""
-        from tokenflow.llm.mask import t2i_attention_mask
-
         b, length = input_ids.shape
         t = self.image_tokens
         x = self.embed_sequence(input_ids, image_inputs, image_start)
-        mask = t2i_attention_mask(key_valid, image_start, self.config.scales)
+        mask = self.training_mask(key_valid, image_start)
         positions = torch.arange(length, device=x.device).unsqueeze(0)
         h = self.backbone(x, mask, positions)
 
@@ -401,9 +462,11 @@ class T2IModel(nn.Module):
             json.dump(payload, fh, indent=2)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device="cpu", storage_options=None) -> T2IModel:
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, device="cpu", storage_options=None, attention: str = "sdpa"
+    ) -> T2IModel:
         """Load a directory written by `save_pretrained` (local or fsspec URI). Every weight must match by name
-        and shape; missing and unexpected keys are listed in the error."""
+        and shape; missing and unexpected keys are listed in the error. `attention`: "sdpa" or "flex"."""
         from tokenflow.tokenizer import check_state_dict
 
         path, opts = os.fspath(path), storage_options or {}
@@ -412,7 +475,7 @@ class T2IModel(nn.Module):
         with fsspec.open(path.rstrip("/") + "/" + WEIGHTS_NAME, "rb", **opts) as fh:
             state = load_safetensors(fh.read())
         with torch.device("meta"):  # no random init: every weight comes from the file
-            model = cls(config)
+            model = cls(config, attention=attention)
         expected = model.state_dict()
         if model._tied():
             expected.pop("llm.lm_head.weight", None)
