@@ -1,5 +1,7 @@
 """Real servers for integration tests, started once per session on 127.0.0.1."""
 
+import os
+
 import pytest
 
 from tests.integration.ray_procs import free_port
@@ -76,6 +78,9 @@ def mlflow_server(tmp_path_factory):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # no job runner: its ~10 huey consumer processes (MLflow's GenAI jobs, unused here) cost a 2-core machine
+        # about half a minute of CPU at start and keep polling for the whole session
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

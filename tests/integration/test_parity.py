@@ -74,8 +74,9 @@ def test_official_parity(preset, tmp_path):
     assert report["agreement"] >= 0.999, report
     assert report["near_ties_ok"], report
 
-    d = len(fx["decoded_sub"])
+    # the fixture holds the official decoder's output for the first two photos; one exercises every decoder weight
+    # (a 256 px enhanced decode is 8 s on a 2-core CPU)
     with torch.no_grad():
-        raw = tok.model.decode_pixels(tok.model.quantizer.features(official[:d]))
-    err = np.abs(raw[..., ::7, ::7].numpy() - fx["decoded_sub"]).max()
+        raw = tok.model.decode_pixels(tok.model.quantizer.features(official[:1]))
+    err = np.abs(raw[..., ::7, ::7].numpy() - fx["decoded_sub"][:1]).max()
     assert err <= 1e-3, f"decoded pixels differ from the official decoder by up to {err:.2e}"

@@ -211,11 +211,16 @@ def test_stopped_and_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(r
     data = TrainDataConfig(input=[corpus], eval_fraction=0.0, eval_images=0, min_crop_frac=1.0, flip_prob=0.0)
     steps = 12
     every = dict(checkpoint_every=4, image_every=4)  # checkpoints at 4 (the stop), 8 (the kill) and 12
-    straight = _config(tmp_path, corpus, "straight", max_steps=steps, data=data, **every)
-    run(straight)
-
+    half = dict(cpus_per_worker=0.5, **every)  # two runs side by side leave CPUs for their read tasks
+    straight = _config(tmp_path, corpus, "straight", max_steps=steps, data=data, **half)
     kw = dict(data=data, mlflow_uri=mlflow_server, mlflow_experiment="train-resume", max_failures=1, **every)
-    run(_config(tmp_path, corpus, "resumed", max_steps=4, **kw))  # stops after step 4
+    # the uninterrupted run and the first part of the interrupted one are independent: side by side
+    done: dict = {}
+    side = threading.Thread(target=lambda: done.update(summary=run(straight)), daemon=True)
+    side.start()
+    run(_config(tmp_path, corpus, "resumed", max_steps=4, **{**kw, "cpus_per_worker": 0.5}))  # stops after step 4
+    side.join(timeout=600)
+    assert "summary" in done, "the uninterrupted run did not complete"
     # the same command with more steps resumes at step 4; a worker killed after step 8 resumes it again
     result: dict = {}
     resumed = _config(tmp_path, corpus, "resumed", max_steps=steps, **kw)
