@@ -164,7 +164,8 @@ def build_model(cfg: TrainT2IConfig, info: dict, text_vocab: int, ds_config: dic
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tokenflow.llm.t2i import T2IConfig, T2IModel, build_llm_config
+    from tokenflow.llm.decoder import build_llm_config
+    from tokenflow.llm.t2i import T2IConfig, T2IModel
 
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     if cfg.llm is not None:

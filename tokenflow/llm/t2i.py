@@ -42,26 +42,22 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 
-import fsspec
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from tokenflow.llm.checkpoint import load_model, save_model, tied
+from tokenflow.llm.checkpoint import read_model_config as _read_model_config
+from tokenflow.llm.decoder import check_decoder_type, decoder, mlp2x_gelu
 from tokenflow.llm.kv_cache import KVCache
 from tokenflow.llm.mask import scale_index, t2i_attention_mask, t2i_mask_mod
 
-SUPPORTED_DECODERS = ("llama", "qwen2")
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-FORMAT_VERSION = 1
 ATTENTION = ("sdpa", "flex")
 
 
@@ -83,8 +79,7 @@ class T2IConfig:
         self.scales = tuple(int(s) for s in self.scales)
         if self.head not in ("image", "unified"):
             raise ValueError(f"head must be 'image' or 'unified', got {self.head!r}")
-        if self.llm.get("model_type") not in SUPPORTED_DECODERS:
-            raise ValueError(f"the decoder must be one of {SUPPORTED_DECODERS}, got {self.llm.get('model_type')!r}")
+        check_decoder_type(self.llm.get("model_type"))
         if self.text_vocab_size is None:
             self.text_vocab_size = int(self.llm["vocab_size"])
 
@@ -107,16 +102,6 @@ class T2IConfig:
     @classmethod
     def from_dict(cls, data: dict) -> T2IConfig:
         return cls(**data)
-
-
-def build_llm_config(llm: dict):
-    from transformers import AutoConfig
-
-    data = dict(llm)
-    cfg = AutoConfig.for_model(data.pop("model_type"), **data)
-    if getattr(cfg, "use_sliding_window", False):
-        raise ValueError("sliding-window attention is not supported: the image block needs the whole prefix")
-    return cfg
 
 
 @dataclass
@@ -197,24 +182,13 @@ class T2IModel(nn.Module):
         `config.llm` (random weights) when None. For ZeRO-3, construct inside `deepspeed.zero.Init`.
         `attention`: "sdpa" or "flex", the kernel of the training forward (module docstring; `set_attention`)."""
         super().__init__()
-        from transformers import AutoModelForCausalLM
-
         self.config = config
-        if llm is None:
-            llm = AutoModelForCausalLM.from_config(
-                build_llm_config(config.llm), attn_implementation="sdpa", dtype=torch.float32
-            )
-        if llm.config.model_type not in SUPPORTED_DECODERS:
-            raise ValueError(f"the decoder must be one of {SUPPORTED_DECODERS}, got {llm.config.model_type!r}")
-        self.llm = llm
+        self.llm = llm = decoder(config.llm, llm)
         hidden = llm.config.hidden_size
         head_dim = getattr(llm.config, "head_dim", None) or hidden // llm.config.num_attention_heads
         std = math.sqrt(1.0 / (3 * hidden))  # the official init of the level and position embeddings
         init_std = getattr(llm.config, "initializer_range", 0.02)
-        self.projector = nn.Sequential(nn.Linear(config.code_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        for lin in (self.projector[0], self.projector[2]):
-            nn.init.normal_(lin.weight, std=init_std)
-            nn.init.zeros_(lin.bias)
+        self.projector = mlp2x_gelu(config.code_dim, hidden, init_std)
         self.level_embed = nn.Embedding(len(config.scales) + 1, hidden)
         nn.init.trunc_normal_(self.level_embed.weight, mean=0.0, std=std)
         self.pos_embed = PositionEmbedding(config.image_tokens, hidden, std)
@@ -438,28 +412,24 @@ class T2IModel(nn.Module):
     # ---- save and load --------------------------------------------------------------------------------------
 
     def _tied(self) -> bool:
-        return bool(getattr(self.llm.config, "tie_word_embeddings", False))
+        return tied(self)
 
     def save_pretrained(
         self, path: str | os.PathLike, *, extra: dict | None = None, storage_options=None, state_dict=None
     ) -> None:
         """`config.json` (the T2I config, the decoder's config, `extra` such as the image tokenizer's id) and
-        `model.safetensors` (every weight; a tied output head is stored once) to a directory or fsspec URI.
-        `state_dict`: the weights to write instead of this module's own (e.g. gathered from ZeRO-3 partitions)."""
-        path, opts = os.fspath(path), storage_options or {}
-        fs, root = fsspec.core.url_to_fs(path, **opts)
-        fs.makedirs(root, exist_ok=True)
-        source = self.state_dict() if state_dict is None else state_dict
-        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
-        if self._tied():
-            state.pop("llm.lm_head.weight", None)
-        config = self.config.to_dict()
-        config["llm"] = self.llm.config.to_dict()
-        payload = {"format_version": FORMAT_VERSION, "config": config, **(extra or {})}
-        with fs.open(root.rstrip("/") + "/" + WEIGHTS_NAME, "wb") as fh:
-            fh.write(save_safetensors(state, metadata={"format": "pt"}))
-        with fs.open(root.rstrip("/") + "/" + CONFIG_NAME, "w") as fh:
-            json.dump(payload, fh, indent=2)
+        `model.safetensors` (every weight; a tied output head is stored once) to a directory or fsspec URI
+        (`tokenflow.llm.checkpoint`). `state_dict`: the weights to write instead of this module's own (e.g.
+        gathered from ZeRO-3 partitions)."""
+        save_model(
+            self,
+            path,
+            kind="t2i",
+            config=self.config.to_dict(),
+            extra=extra,
+            storage_options=storage_options,
+            state_dict=state_dict,
+        )
 
     @classmethod
     def from_pretrained(
@@ -467,40 +437,23 @@ class T2IModel(nn.Module):
     ) -> T2IModel:
         """Load a directory written by `save_pretrained` (local or fsspec URI). Every weight must match by name
         and shape; missing and unexpected keys are listed in the error. `attention`: "sdpa" or "flex"."""
-        from tokenflow.tokenizer import check_state_dict
-
-        path, opts = os.fspath(path), storage_options or {}
-        payload = read_model_config(path, storage_options=opts)
+        payload = read_model_config(path, storage_options=storage_options)
         config = T2IConfig.from_dict(payload["config"])
-        with fsspec.open(path.rstrip("/") + "/" + WEIGHTS_NAME, "rb", **opts) as fh:
-            state = load_safetensors(fh.read())
-        with torch.device("meta"):  # no random init: every weight comes from the file
-            model = cls(config, attention=attention)
-        expected = model.state_dict()
-        if model._tied():
-            expected.pop("llm.lm_head.weight", None)
-        check_state_dict(expected, state, source=path)
-        model.to_empty(device=device)
-        model.load_state_dict(state, strict=False)
+        model = load_model(
+            lambda: cls(config, attention=attention), path, device=device, storage_options=storage_options
+        )
         model._rebuild_buffers(device)
-        if model._tied():
-            model.llm.tie_weights()
-        return model.eval()
+        return model
 
     def _rebuild_buffers(self, device) -> None:
-        """Non-persistent buffers (RoPE frequencies, the scale index) are not in the file: compute them again."""
-        inner = self.llm.model
+        """The scale index is a non-persistent buffer (not in the file): compute it again."""
         with torch.device(device):
-            inner.rotary_emb = type(inner.rotary_emb)(config=inner.rotary_emb.config)
             self._scale_of_token = scale_index(self.config.scales)
 
 
 def read_model_config(path: str, *, storage_options=None) -> dict:
-    with fsspec.open(path.rstrip("/") + "/" + CONFIG_NAME, "r", **(storage_options or {})) as fh:
-        payload = json.load(fh)
-    if payload.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer tokenflow (format {payload['format_version']})")
-    return payload
+    """A text-to-image model directory's config.json (an understanding model's is refused)."""
+    return _read_model_config(path, storage_options=storage_options, kind="t2i")
 
 
 def decoder_config(**overrides) -> dict:
