@@ -33,9 +33,15 @@ demo: $(STAMP)
 	@echo "MLflow UI (runs in experiments 'tokenizer', 'pretokenize' and 't2i'):"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/demo_output/mlflow.db"
 
+# The unit tests (CPU only, no servers) run at the lowest priority beside the integration tests, which spend much of
+# their time waiting on Ray, servers and subprocesses; their report follows the integration tests'. Both must pass.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	@nice -n 19 $(PY) -m pytest -q tests/unit tests/gpu > .unit-tests.log 2>&1 & unit=$$!; \
+	$(PY) -m pytest -q tests/integration; integration=$$?; \
+	wait $$unit; units=$$?; \
+	echo "---- tests/unit, tests/gpu (run alongside) ----"; cat .unit-tests.log; \
+	test $$integration -eq 0 -a $$units -eq 0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
