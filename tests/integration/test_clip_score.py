@@ -1,7 +1,5 @@
 """The optional CLIP-score stage, alone and inside the pretokenize job (a tiny random CLIP saved to disk)."""
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,25 +10,14 @@ from skimage import data
 
 from pipelines.clip_score import ClipScoreConfig, ClipScoreStage
 from pipelines.pretokenize import PretokenizeConfig, run
-
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from tests.integration.tiny_clip import save_tiny_clip
 
 
 @pytest.fixture(scope="module")
 def clip_cfg(tmp_path_factory):
     """A tiny CLIP architecture (registered from JSON) with seeded random weights in a local checkpoint."""
-    import open_clip
-
     root = tmp_path_factory.mktemp("clip")
-    (root / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(str(root / "tiny-clip.json"))
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-clip")
-    torch.save(model.state_dict(), root / "tiny-clip.pt")
+    save_tiny_clip(root, "tiny-clip")
     return ClipScoreConfig(
         enabled=True,
         model="tiny-clip",

@@ -16,13 +16,9 @@ from torch import nn
 
 from jobs.eval_t2i import main
 from pipelines.generate import GenerateConfig, OutputWriter
+from tests.integration.tiny_clip import save_tiny_clip
 from tokenflow.image import Preprocess
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 PROMPTS = ["an astronaut", "a cup of coffee", "a ginger cat", "a rocket on its launch pad"]
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
 REFERENCE = ["hubble_deep_field", "immunohistochemistry", "retina", "camera", "coins", "colorwheel", "clock"]
@@ -68,14 +64,9 @@ def _write_generated(root, *, geneval: bool = False) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import open_clip
 
     root = tmp_path_factory.mktemp("eval")
-    (root / "tiny-clip-eval.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(str(root / "tiny-clip-eval.json"))
-    torch.manual_seed(0)
-    clip = open_clip.create_model("tiny-clip-eval")
-    torch.save(clip.state_dict(), root / "tiny-clip-eval.pt")
+    clip, _, _ = save_tiny_clip(root, "tiny-clip-eval")
 
     torch.manual_seed(1)
     net = SmallFeatures().eval()
