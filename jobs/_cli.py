@@ -63,3 +63,29 @@ def run_job(job: Callable[[], dict], show: list[str]) -> int:
     for key in show:
         print(f"{key}: {summary[key]}")
     return 0
+
+
+def llm_overrides(llm: str | None) -> list[str]:
+    """`--llm` as config overrides: a YAML/JSON file of decoder config fields builds a new model (the text tokenizer
+    stays the config's); a directory is a pretrained model with its own text tokenizer."""
+    import yaml
+
+    if llm is None:
+        return []
+    if os.path.isfile(llm):
+        with open(llm) as fh:
+            fields = yaml.safe_load(fh)
+        if not isinstance(fields, dict):
+            raise ValueError(f"{llm}: expected a mapping of decoder config fields")
+        return ["llm=null", f"llm_config={yaml.safe_dump(fields, default_flow_style=True).strip()}"]
+    return [f"llm={llm}", "llm_config={}", "text_tokenizer=null"]
+
+
+def output_fields(output: str | None) -> dict:
+    """`--output RUN_DIR` as the config's storage_path and name (RUN_DIR = storage_path/name)."""
+    if not output:
+        return {}
+    storage_path, _, name = output.rstrip("/").rpartition("/")
+    if not name:
+        raise ValueError(f"--output {output!r}: give the run directory, e.g. runs/my-run")
+    return {"storage_path": storage_path or ".", "name": name}

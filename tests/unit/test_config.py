@@ -27,6 +27,16 @@ def test_typos_and_malformed_overrides_are_errors(tmp_path):
         load_config(PretokenizeConfig, str(tmp_path / "list.yaml"))
 
 
+def test_numbers_written_without_a_dot_are_floats_where_floats_are_expected():
+    from pipelines.train_t2i import TrainT2IConfig
+
+    base = ["llm_config={model_type: llama}", "text_tokenizer=deepseek"]
+    cfg = load_config(TrainT2IConfig, None, [*base, "optimizer.lr=3e-4", "optimizer.max_grad_norm=1"])
+    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.max_grad_norm, float)
+    with pytest.raises(ValueError, match="optimizer.lr: expected a number, got 'fast'"):
+        load_config(TrainT2IConfig, None, [*base, "optimizer.lr=fast"])
+
+
 def test_tokenizer_config_round_trips_through_a_dict():
     for name in ("tiny", "clipb_256", "siglip_384", "unitok"):
         cfg = preset(name)

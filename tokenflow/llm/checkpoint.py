@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
 import fsspec
 import torch
@@ -95,3 +96,42 @@ def load_model(build, path: str | os.PathLike, *, device="cpu", storage_options:
     if tied(model):
         model.llm.tie_weights()
     return model.eval()
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_weights(path: str | os.PathLike, prefix: str, *, storage_options: dict | None = None) -> dict:
+    """The weights of a saved model whose names start with `prefix`, read by byte range (a projector from a 14 B
+    model's file on S3 costs its own bytes, not the file's)."""
+    path = os.fspath(path).rstrip("/") + "/" + WEIGHTS_NAME
+    out = {}
+    with fsspec.open(path, "rb", **(storage_options or {})) as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        for name, info in header.items():
+            if name == "__metadata__" or not name.startswith(prefix):
+                continue
+            start, end = info["data_offsets"]
+            fh.seek(8 + size + start)
+            data = bytearray(fh.read(end - start))
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            out[name] = (
+                torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+                if data
+                else torch.empty(info["shape"], dtype=dtype)
+            )
+    if not out:
+        raise ValueError(f"{path} has no weights named {prefix}*")
+    return out

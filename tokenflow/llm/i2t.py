@@ -178,10 +178,12 @@ class I2TModel(nn.Module):
         top_p: float = 1.0,
         generator_seed: int | None = None,
         streamer=None,
+        synced_gpus: bool = False,
     ) -> list[list[int]]:
         """Answers to prompts (each ending with the assistant's header, `tokenflow.llm.templates`), left-padded
         into one batch, with the decoder's KV cache. Greedy at temperature 0. Returns each answer's new ids,
-        without the EOS."""
+        without the EOS. `synced_gpus`: under ZeRO-3, every rank keeps stepping until all ranks are done (each
+        forward gathers the partitioned weights from all of them)."""
         device = self.projector[0].weight.device
         width = max(len(ids) for ids in input_ids)
         ids = torch.zeros(len(input_ids), width, dtype=torch.long, device=device)
@@ -204,6 +206,7 @@ class I2TModel(nn.Module):
             eos_token_id=eos,
             pad_token_id=eos[0],
             streamer=streamer,
+            synced_gpus=synced_gpus,
         )
         answers = []
         for row in out.tolist():  # with inputs_embeds, generate returns the new tokens only
