@@ -244,3 +244,56 @@ def report_checkpoint(rank: int, step: int, metrics: dict):
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_plan(plan, epoch: int) -> None:
+    """Rank 0 fixes the epoch's shard order in the `EpochPlan`; every rank waits for it (collective)."""
+    import ray
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        ray.get(plan.start.remote(epoch, None))
+    dist.barrier()
+
+
+def warm_up(plan, batches, epoch: int, skip: int, need: int):
+    """`start_plan`, then this worker's stream opened at `skip` and read until `batches.fill(need)` in a background
+    thread, so that Ray Data's read tasks start while the model is built and loaded (minutes for a large model;
+    the first batch's wait otherwise comes after). Returns a function that waits for it and raises what it raised.
+    The thread does no collective operation: the main thread's DeepSpeed set-up may."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start_plan(plan, epoch)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="data-warm-up")
+    future = pool.submit(lambda: (batches.start_epoch(epoch, skip), batches.fill(need)))
+
+    def wait() -> None:
+        try:
+            future.result()
+        finally:
+            pool.shutdown()
+
+    return wait
+
+
+@contextlib.contextmanager
+def latest_checkpoint(world: int, positions: str):
+    """(directory, state) of the run's latest checkpoint, kept on local disk while open (a checkpoint in S3 is
+    downloaded once), or (None, None) on a fresh start. `state` is rank 0's state.json; its `positions` list (each
+    rank's place in the data) must have one entry per worker."""
+    import json
+
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None, None
+        return
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, "state.json")) as fh:
+            state = json.load(fh)
+        if len(state[positions]) != world:
+            raise ValueError(
+                f"the checkpoint was written by {len(state[positions])} workers; resume with the same number"
+            )
+        yield d, state

@@ -36,9 +36,12 @@ from pipelines.ray_train import (
     flat_params,
     gather_counts,
     git_commit,
+    latest_checkpoint,
     make_trainer,
     report_checkpoint,
     restore_rng,
+    start_plan,
+    warm_up,
     worker_device,
 )
 from pipelines.t2i_data import T2IDataConfig
@@ -185,52 +188,49 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
-    image_tok.requires_grad_(False)
-    if image_tok.fingerprint() != info["id"]:
-        raise RuntimeError(f"the image tokenizer at {cfg.tokenizer} changed while the job ran")
-    quantizer = image_tok.model.quantizer
-    text_tok = load_text_tokenizer(cfg.text_tokenizer, cfg.llm)
-    layout = T2ILayout.from_tokenizer(text_tok, info["scales"], cfg.data.max_text_tokens)
-
-    ds = make_ds_config(
-        cfg.optimizer,
-        zero_stage=cfg.zero_stage,
-        micro_batch=cfg.micro_batch,
-        grad_accum=cfg.grad_accum,
-        world_size=world,
-        bf16=False,  # fp32 weights and optimiser states; bf16 compute through autocast
-    )
     deepspeed.init_distributed()  # adopts Ray Train's process group, so zero.Init sees every rank
-    model = build_model(cfg, info, len(text_tok), ds)
-    model.to(device)
+    fresh = {"step": 0, "epoch": 0, "consumed": [0] * world, "mlflow_run_id": None, "rejects": {}, "captions": {}}
+    with latest_checkpoint(world, "consumed") as (checkpoint_dir, saved):
+        state = saved or fresh
+        text_tok = load_text_tokenizer(cfg.text_tokenizer, cfg.llm)
+        layout = T2ILayout.from_tokenizer(text_tok, info["scales"], cfg.data.max_text_tokens)
+        batches = T2IBatches(ray.train.get_dataset_shard("train"), layout, cfg.micro_batch)
+        need = cfg.micro_batch * cfg.grad_accum
+        data_ready = warm_up(config["plan"], batches, state["epoch"], state["consumed"][rank], need)
 
-    def schedule(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optimizer, cfg.max_steps))
+        image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
+        image_tok.requires_grad_(False)
+        if image_tok.fingerprint() != info["id"]:
+            raise RuntimeError(f"the image tokenizer at {cfg.tokenizer} changed while the job ran")
+        quantizer = image_tok.model.quantizer
+        ds = make_ds_config(
+            cfg.optimizer,
+            zero_stage=cfg.zero_stage,
+            micro_batch=cfg.micro_batch,
+            grad_accum=cfg.grad_accum,
+            world_size=world,
+            bf16=False,  # fp32 weights and optimiser states; bf16 compute through autocast
+        )
+        model = build_model(cfg, info, len(text_tok), ds)
+        model.to(device)
 
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.optimizer.weight_decay),
-        config=ds,
-        lr_scheduler=schedule,
-    )
-    step_fn = T2IStep(engine, quantizer, layout, grad_accum=cfg.grad_accum, world_size=world, amp=amp)
+        def schedule(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optimizer, cfg.max_steps))
 
-    state = {"step": 0, "epoch": 0, "consumed": [0] * world, "mlflow_run_id": None, "rejects": {}, "captions": {}}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(os.path.join(d, "model"), tag="state")
-            with open(os.path.join(d, "state.json")) as fh:
-                state = json.load(fh)
-            restore_rng(d, rank)
-        if len(state["consumed"]) != world:
-            raise ValueError(
-                f"the checkpoint was written by {len(state['consumed'])} workers; resume with the same number"
-            )
-        log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
-    else:
-        torch.manual_seed(cfg.seed + rank)
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optimizer.weight_decay),
+            config=ds,
+            lr_scheduler=schedule,
+        )
+        step_fn = T2IStep(engine, quantizer, layout, grad_accum=cfg.grad_accum, world_size=world, amp=amp)
+        if checkpoint_dir is not None:
+            engine.load_checkpoint(os.path.join(checkpoint_dir, "model"), tag="state")
+            restore_rng(checkpoint_dir, rank)
+            log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
+        else:
+            torch.manual_seed(cfg.seed + rank)
+    data_ready()
 
     tracker = RunTracker.disabled()
     if rank == 0:
@@ -251,7 +251,6 @@ def train_loop(config: dict) -> None:
         )
         state["mlflow_run_id"] = tracker.run_id
 
-    batches = T2IBatches(ray.train.get_dataset_shard("train"), layout, cfg.micro_batch)
     try:
         _train(cfg, config["plan"], engine, step_fn, batches, image_tok, text_tok, layout, state, tracker, device, amp)
     except BaseException:
@@ -263,7 +262,6 @@ def train_loop(config: dict) -> None:
 
 
 def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, state, tracker, device, amp) -> None:
-    import ray
     import torch
     import torch.distributed as dist
 
@@ -272,19 +270,16 @@ def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, sta
     rank, world = dist.get_rank(), dist.get_world_size()
     base_rejects, base_captions = Counter(state.get("rejects", {})), Counter(state.get("captions", {}))
 
-    def start_epoch(epoch: int, skip: int) -> None:
-        if rank == 0:
-            ray.get(plan.start.remote(epoch, None))
-        dist.barrier()
-        batches.start_epoch(epoch, skip)
+    def start_epoch(epoch: int) -> None:
+        start_plan(plan, epoch)
+        batches.start_epoch(epoch)
 
-    step, epoch = state["step"], state["epoch"]
-    start_epoch(epoch, state["consumed"][rank])
+    step, epoch = state["step"], state["epoch"]  # the stream of this epoch is open (`warm_up`)
     window, t0 = {}, time.time()
     while step < cfg.max_steps:
         if not all_have(batches, cfg.micro_batch * cfg.grad_accum):
             epoch += 1
-            start_epoch(epoch, 0)
+            start_epoch(epoch)
             if not all_have(batches, cfg.micro_batch * cfg.grad_accum):
                 raise RuntimeError(
                     f"one epoch of the token shards gives some worker fewer than {cfg.micro_batch * cfg.grad_accum} "

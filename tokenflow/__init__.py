@@ -1,21 +1,34 @@
-"""tokenflow: the TokenFlow / UniTok unified image tokenizers in plain PyTorch."""
+"""tokenflow: the TokenFlow / UniTok unified image tokenizers in plain PyTorch.
 
-from tokenflow.config import TokenizerConfig, preset
-from tokenflow.image import ImageError, Preprocess, load_image
-from tokenflow.quantize import CosineQuantizer, MultiScaleQuantizer, nearest_codes
-from tokenflow.stats import CodebookStats
-from tokenflow.tokenizer import Tokenizer
+The names below load on first use (PEP 562), so that light modules such as `tokenflow.llm.templates` or
+`tokenflow.config`, which Ray Data read tasks import in fresh processes, do not pull in open_clip and the models."""
 
-__all__ = [
-    "Tokenizer",
-    "TokenizerConfig",
-    "preset",
-    "CosineQuantizer",
-    "MultiScaleQuantizer",
-    "nearest_codes",
-    "CodebookStats",
-    "ImageError",
-    "Preprocess",
-    "load_image",
-]
+import importlib
+
+_EXPORTS = {
+    "Tokenizer": "tokenflow.tokenizer",
+    "TokenizerConfig": "tokenflow.config",
+    "preset": "tokenflow.config",
+    "CosineQuantizer": "tokenflow.quantize",
+    "MultiScaleQuantizer": "tokenflow.quantize",
+    "nearest_codes": "tokenflow.quantize",
+    "CodebookStats": "tokenflow.stats",
+    "ImageError": "tokenflow.image",
+    "Preprocess": "tokenflow.image",
+    "load_image": "tokenflow.image",
+}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tokenflow' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -1,6 +1,7 @@
-"""The understanding model's training job on a real local Ray cluster: 2 CPU workers, the align stage under ZeRO-2,
-the SFT stage under ZeRO-3 starting from the align run's projector, resumed by rerunning the command, tracked in a
-real MLflow server; and a ZeRO-3 step where one worker's micro-batch has no image at all."""
+"""The understanding model's training job on a real local Ray cluster: 2 CPU workers, the align stage under ZeRO-2
+(its output fits the SFT stage's projector_init), the SFT stage under ZeRO-3 from a saved projector, resumed by
+rerunning the command, tracked in a real MLflow server; and a ZeRO-3 step where one worker's micro-batch has no
+image at all."""
 
 import json
 
@@ -10,11 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.train_i2t import TrainI2TConfig, run
+from pipelines.llm_train import build_decoder, load_text_tokenizer
+from pipelines.train_i2t import TrainI2TConfig, load_projector, run
 from tests.integration.t2i_shards import save_tiny_tokenizer, write_token_shards
 from tokenflow.config import load_config
-from tokenflow.llm.i2t import I2TModel
+from tokenflow.llm.i2t import I2TConfig, I2TModel
 from tokenflow.llm.i2t_step import I2TStep
+from tokenflow.llm.t2i import decoder_config
 
 CONFIG = "jobs/configs/i2t_tiny.yaml"
 
@@ -75,30 +78,26 @@ def config(data, storage, **overrides) -> TrainI2TConfig:
     return load_config(TrainI2TConfig, CONFIG, [f"{k}={v}" for k, v in base.items()])
 
 
-def test_align_then_sft_from_its_projector_resumed_and_tracked(ray_local, data, mlflow_server, tmp_path):
+def test_align_and_sft_runs_resumed_and_tracked(ray_local, data, mlflow_server, tmp_path):
+    import threading
+
     import mlflow
 
     root, tok = data
-    align = run(
-        config(data, tmp_path, stage="align", name="align", max_steps=3, checkpoint_every=3, **{
-            "data.input": f"[{root / 'captions'}]"
-        })
-    )  # fmt: skip
-    init = I2TModel.from_pretrained(align["model"])
-    assert init.config.template == "plain" and init.config.image_tokens == 64
-    # align trains the projector only: the decoder is still the one every worker built from the seed
-    torch.manual_seed(0)
-    from pipelines.llm_train import build_decoder, load_text_tokenizer
-
-    cfg = config(data, tmp_path)
-    fresh = build_decoder(None, cfg.llm_config, len(load_text_tokenizer("deepseek", None)))
-    for k, v in fresh.state_dict().items():
-        assert torch.equal(init.llm.state_dict()[k], v), k
-
+    # the SFT run starts from a saved model's projector (the align run's RUN_DIR/model in practice; that its output
+    # fits is checked below): the two runs are independent and run side by side
+    torch.manual_seed(3)
+    seed_model = I2TModel(I2TConfig(llm=decoder_config(vocab_size=32), image_tokens=64))
+    seed_model.save_pretrained(tmp_path / "projector", extra={"image_tokenizer_id": tok.fingerprint()})
+    align: dict = {}
+    align_cfg = config(data, tmp_path, stage="align", name="align", max_steps=3, checkpoint_every=3,
+                       **{"data.input": f"[{root / 'captions'}]"})  # fmt: skip
+    side = threading.Thread(target=lambda: align.update(run(align_cfg)), daemon=True)
+    side.start()
     sft = dict(
         stage="sft",
         name="sft",
-        projector_init=align["model"],
+        projector_init=str(tmp_path / "projector"),
         checkpoint_every=2,
         mlflow_uri=mlflow_server,
         sample_every=2,
@@ -106,6 +105,21 @@ def test_align_then_sft_from_its_projector_resumed_and_tracked(ray_local, data, 
     )
     first = run(config(data, tmp_path, max_steps=2, **sft))
     assert first["checkpoint"].endswith("step_00000002")
+    side.join(timeout=600)
+    assert align, "the align run did not complete"
+
+    init = I2TModel.from_pretrained(align["model"])
+    assert init.config.template == "plain" and init.config.image_tokens == 64
+    # align trains the projector only: the decoder is still the one every worker built from the seed
+    torch.manual_seed(0)
+    cfg = config(data, tmp_path)
+    fresh = build_decoder(None, cfg.llm_config, len(load_text_tokenizer("deepseek", None)))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(init.llm.state_dict()[k], v), k
+    # and its output is what an SFT run's projector_init takes
+    load_projector(seed_model, align["model"], {"id": tok.fingerprint()}, zero3=False, storage_options={})
+    assert torch.equal(seed_model.projector[0].weight, init.projector[0].weight)
+
     again = run(config(data, tmp_path, max_steps=4, **sft))
     assert again["checkpoint"].endswith("step_00000004")
 
@@ -114,7 +128,7 @@ def test_align_then_sft_from_its_projector_resumed_and_tracked(ray_local, data, 
     assert model.config.template == "vicuna_v1"
     payload = json.loads((model_dir / "config.json").read_text())
     assert payload["image_tokenizer_id"] == tok.fingerprint() and payload["provenance"]["steps"] == 4
-    assert payload["provenance"]["projector_init"] == align["model"]
+    assert payload["provenance"]["projector_init"] == str(tmp_path / "projector")
     assert (model_dir / "tokenizer.json").exists()
     assert load_file(model_dir / "model.safetensors").keys() == model.state_dict().keys()
 
@@ -184,9 +198,6 @@ def test_zero3_step_with_a_text_only_worker_matches_one_process(ray_local, tmp_p
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from tokenflow.llm.i2t import I2TConfig, I2TModel
-    from tokenflow.llm.t2i import decoder_config
 
     llm = decoder_config(vocab_size=64)
     codes = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
