@@ -246,26 +246,28 @@ def report_checkpoint(rank: int, step: int, metrics: dict):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def start_plan(plan, epoch: int) -> None:
-    """Rank 0 fixes the epoch's shard order in the `EpochPlan`; every rank waits for it (collective)."""
+def start_plan(plan, epoch: int, position: dict | None = None) -> None:
+    """Rank 0 fixes the epoch's shard order in the `EpochPlan` (and the data position a resumed run starts from);
+    every rank waits for it (collective)."""
     import ray
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        ray.get(plan.start.remote(epoch, None))
+        ray.get(plan.start.remote(epoch, position))
     dist.barrier()
 
 
-def warm_up(plan, batches, epoch: int, skip: int, need: int):
-    """`start_plan`, then this worker's stream opened at `skip` and read until `batches.fill(need)` in a background
-    thread, so that Ray Data's read tasks start while the model is built and loaded (minutes for a large model;
-    the first batch's wait otherwise comes after). Returns a function that waits for it and raises what it raised.
-    The thread does no collective operation: the main thread's DeepSpeed set-up may."""
+def warm_up(plan, epoch: int, open_stream, position: dict | None = None):
+    """`start_plan`, then `open_stream()` (this worker opens its epoch stream and reads its first batches) in a
+    background thread, so that Ray Data's read tasks start while the model is built and loaded (minutes for a
+    large model; the first batch's wait otherwise comes after). Returns a function that waits for it and raises
+    what it raised. `open_stream` must do no collective operation and draw from no global random stream: the
+    main thread's DeepSpeed set-up and seeding run meanwhile."""
     from concurrent.futures import ThreadPoolExecutor
 
-    start_plan(plan, epoch)
+    start_plan(plan, epoch, position)
     pool = ThreadPoolExecutor(1, thread_name_prefix="data-warm-up")
-    future = pool.submit(lambda: (batches.start_epoch(epoch, skip), batches.fill(need)))
+    future = pool.submit(open_stream)
 
     def wait() -> None:
         try:
@@ -277,10 +279,10 @@ def warm_up(plan, batches, epoch: int, skip: int, need: int):
 
 
 @contextlib.contextmanager
-def latest_checkpoint(world: int, positions: str):
+def latest_checkpoint(world: int, positions: str | None = None):
     """(directory, state) of the run's latest checkpoint, kept on local disk while open (a checkpoint in S3 is
     downloaded once), or (None, None) on a fresh start. `state` is rank 0's state.json; its `positions` list (each
-    rank's place in the data) must have one entry per worker."""
+    rank's place in the data), when named, must have one entry per worker."""
     import json
 
     import ray.train
@@ -292,7 +294,7 @@ def latest_checkpoint(world: int, positions: str):
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, "state.json")) as fh:
             state = json.load(fh)
-        if len(state[positions]) != world:
+        if positions is not None and len(state[positions]) != world:
             raise ValueError(
                 f"the checkpoint was written by {len(state[positions])} workers; resume with the same number"
             )

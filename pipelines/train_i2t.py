@@ -272,7 +272,12 @@ def train_loop(config: dict) -> None:
             group_window=cfg.data.group_window,
             group_by_length=cfg.data.group_by_length,
         )
-        data_ready = warm_up(config["plan"], batches, state["epoch"], state["taken"][rank], cfg.grad_accum)
+        skip = state["taken"][rank]
+        data_ready = warm_up(
+            config["plan"],
+            state["epoch"],
+            lambda: (batches.start_epoch(state["epoch"], skip), batches.fill(cfg.grad_accum)),
+        )
 
         image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
         image_tok.requires_grad_(False)

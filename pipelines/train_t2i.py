@@ -196,7 +196,10 @@ def train_loop(config: dict) -> None:
         layout = T2ILayout.from_tokenizer(text_tok, info["scales"], cfg.data.max_text_tokens)
         batches = T2IBatches(ray.train.get_dataset_shard("train"), layout, cfg.micro_batch)
         need = cfg.micro_batch * cfg.grad_accum
-        data_ready = warm_up(config["plan"], batches, state["epoch"], state["consumed"][rank], need)
+        skip = state["consumed"][rank]
+        data_ready = warm_up(
+            config["plan"], state["epoch"], lambda: (batches.start_epoch(state["epoch"], skip), batches.fill(need))
+        )
 
         image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
         image_tok.requires_grad_(False)

@@ -35,9 +35,12 @@ from pipelines.ray_train import (
     flat_params,
     gather_counts,
     git_commit,
+    latest_checkpoint,
     make_trainer,
     report_checkpoint,
     restore_rng,
+    start_plan,
+    warm_up,
     worker_device,
 )
 from pipelines.train_data import TrainDataConfig
@@ -139,7 +142,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from pipelines.train_data import MicroBatches
+    from pipelines.train_data import DataPosition, MicroBatches
     from pipelines.train_tracking import RunTracker
     from tokenflow.losses import TokenizerLoss
     from tokenflow.train import TrainStep, prepare_stage
@@ -148,39 +151,50 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    # every worker builds the same initial weights (DeepSpeed also broadcasts them)
-    tok = prepare_stage(
-        build_tokenizer(cfg.tokenizer, seed=cfg.seed, storage_options=cfg.storage_options), cfg.train.stage
-    )
-    tok.to(device)
-    teacher = None
-    if cfg.train.stage == "full" and tok.config.kind == "tokenflow" and cfg.train.loss.semantic_weight > 0:
-        teacher = tok.make_teacher().to(device)
-    loss_fn = TokenizerLoss(cfg.train.loss).to(device)
-    gen, disc = build_engines(
-        tok, loss_fn, cfg.train, zero_stage=cfg.zero_stage, micro_batch=cfg.micro_batch, world_size=world, bf16=False
-    )
-    step_fn = TrainStep(tok, loss_fn, gen, disc, teacher=teacher, stage=cfg.train.stage, amp_dtype=amp)
+    # ---- restore, the data stream, the model --------------------------------------------------------------------
+    fresh = {"step": 0, "epoch": 0, "position": None, "mlflow_run_id": None, "rejects": {}, "restarts": 0}
+    with latest_checkpoint(world) as (checkpoint_dir, saved):
+        state = saved or fresh
+        if saved is not None:
+            state["restarts"] = state.get("restarts", 0) + 1
+        batches = MicroBatches(ray.train.get_dataset_shard("train"), cfg.micro_batch, config["image_size"])
+        epoch, position = state["epoch"], state["position"]
 
-    # ---- restore --------------------------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "position": None, "mlflow_run_id": None, "rejects": {}, "restarts": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            gen.load_checkpoint(os.path.join(d, "generator"), tag="state")
-            disc.load_checkpoint(os.path.join(d, "discriminator"), tag="state")
-            with open(os.path.join(d, "state.json")) as fh:
-                state = json.load(fh)
-            restore_rng(d, rank)
-        state["restarts"] = state.get("restarts", 0) + 1
-        log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
-    else:
-        # The same seed on every rank, and the ranks draw the same random numbers in the same order: the random
-        # scale drop must agree across ranks, because ZeRO-3 gathers parameters collectively per module call
-        # (a quantizer running a different number of scales on one rank deadlocks the all-gathers).
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        def open_stream() -> None:
+            batches.start_epoch(epoch)
+            if rank == 0 and position is not None and position.get("epoch") == epoch:
+                batches.position = DataPosition.from_dict(position)  # keys consumed before the restart stay so
+            batches.fill(cfg.micro_batch * cfg.train.grad_accum)
+
+        data_ready = warm_up(config["plan"], epoch, open_stream, position)
+
+        # every worker builds the same initial weights (DeepSpeed also broadcasts them)
+        tok = prepare_stage(
+            build_tokenizer(cfg.tokenizer, seed=cfg.seed, storage_options=cfg.storage_options), cfg.train.stage
+        )
+        tok.to(device)
+        teacher = None
+        if cfg.train.stage == "full" and tok.config.kind == "tokenflow" and cfg.train.loss.semantic_weight > 0:
+            teacher = tok.make_teacher().to(device)
+        loss_fn = TokenizerLoss(cfg.train.loss).to(device)
+        gen, disc = build_engines(
+            tok, loss_fn, cfg.train, zero_stage=cfg.zero_stage, micro_batch=cfg.micro_batch, world_size=world,
+            bf16=False,
+        )  # fmt: skip
+        step_fn = TrainStep(tok, loss_fn, gen, disc, teacher=teacher, stage=cfg.train.stage, amp_dtype=amp)
+        if checkpoint_dir is not None:
+            gen.load_checkpoint(os.path.join(checkpoint_dir, "generator"), tag="state")
+            disc.load_checkpoint(os.path.join(checkpoint_dir, "discriminator"), tag="state")
+            restore_rng(checkpoint_dir, rank)
+            log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
+        else:
+            # The same seed on every rank, and the ranks draw the same random numbers in the same order: the random
+            # scale drop must agree across ranks, because ZeRO-3 gathers parameters collectively per module call
+            # (a quantizer running a different number of scales on one rank deadlocks the all-gathers).
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            torch.manual_seed(cfg.seed)
+    data_ready()
 
     tracker = RunTracker.disabled()
     if rank == 0:
@@ -202,7 +216,10 @@ def train_loop(config: dict) -> None:
 
     # ---- data -----------------------------------------------------------------------------------------------
     size = tok.preprocessor.size
-    batches = MicroBatches(ray.train.get_dataset_shard("train"), cfg.micro_batch, size)
+    if size != config["image_size"]:
+        raise RuntimeError(
+            f"the tokenizer reads {size} px images but the data stream was made for {config['image_size']}"
+        )
     eval_images = _eval_images(ray.train.get_dataset_shard("eval") if config["has_eval"] else None, size, rank, world)
     base_rejects = Counter(state.get("rejects", {}))
 
@@ -236,28 +253,19 @@ def _train(
     cfg, plan, tok, gen, disc, step_fn, batches, eval_images, state, base_rejects, tracker, device, amp, rank, world
 ):
     """The step loop of `train_loop`, from the restored state to max_steps, then the export."""
-    import ray
-    import torch.distributed as dist
 
-    from pipelines.train_data import DataPosition
-
-    def start_epoch(epoch: int, position: dict | None) -> None:
-        if rank == 0:
-            ray.get(plan.start.remote(epoch, position))
-        dist.barrier()
+    def start_epoch(epoch: int) -> None:
+        start_plan(plan, epoch)
         batches.start_epoch(epoch)
-        if rank == 0 and position is not None and position.get("epoch") == epoch:
-            batches.position = DataPosition.from_dict(position)  # keys consumed before the restart stay consumed
 
-    step, epoch = state["step"], state["epoch"]
+    step, epoch = state["step"], state["epoch"]  # the stream of this epoch is open (`warm_up`)
     need = cfg.micro_batch * cfg.train.grad_accum
-    start_epoch(epoch, state["position"])
     window = _Window(tok.scales, tok.codebook_size, tok.num_codebooks)
     last_x = None
     while step < cfg.train.max_steps:
         if not all_have(batches, need):
             epoch += 1
-            start_epoch(epoch, None)
+            start_epoch(epoch)
             if not all_have(batches, need):
                 raise RuntimeError(
                     f"one epoch of the training data gives some worker fewer than {need} images (micro_batch x "
@@ -474,7 +482,7 @@ def run(cfg: TrainTokenizerConfig) -> dict:
     trainer, cfg = make_trainer(
         cfg,
         train_loop,
-        {"plan": plan, "has_eval": has_eval},
+        {"plan": plan, "has_eval": has_eval, "image_size": preprocess.size},
         datasets,
         DataConfig(datasets_to_split=["train"]),  # every worker reads all of "eval", takes its part
     )
