@@ -1,6 +1,8 @@
 """Pretokenize an image-text corpus into Parquet token shards on Ray.
 
     python jobs/pretokenize.py --input 'data/{00000..00099}.tar' --output out/ --tokenizer s3://bucket/tokenizer
+    python jobs/pretokenize.py --format llava --input data/llava_v1_5_mix665k.json --image-root data/ \\
+        --output out/ --tokenizer s3://bucket/tokenizer
     ray job submit --working-dir . -- python jobs/pretokenize.py --config pipelines/configs/pretokenize.yaml \\
         --input s3://bucket/laion/ --output s3://bucket/tokens/ --tokenizer s3://bucket/tokenizer \\
         --set filters.min_side=128 --set 'filters.metadata_max={punsafe: 0.5}'
@@ -41,7 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", action="append", help="input shards, dirs, globs or brace ranges; repeatable")
     p.add_argument("--output", help="output root (path or s3:// URI)")
     p.add_argument("--tokenizer", help="tokenizer directory (path or URI), or preset:NAME for smoke tests")
-    p.add_argument("--format", choices=["webdataset", "parquet", "folder"], help="default: detect")
+    p.add_argument("--format", choices=["webdataset", "parquet", "folder", "llava"], help="default: detect")
+    p.add_argument(
+        "--image-root",
+        help="llava: directory (path or s3:// URI) the annotations' image paths are relative to "
+        "(default: each annotation file's directory)",
+    )
     p.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store")
     p.add_argument("--batch-size", type=int, help="images per tokenizer forward")
     p.add_argument("--tokenizer-actors", type=int, help="size of the tokenize actor pool")
@@ -70,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "output": args.output,
         "tokenizer": args.tokenizer,
         "format": args.format,
+        "image_root": args.image_root,
         "s3_endpoint": args.s3_endpoint,
         "batch_size": args.batch_size,
         "tokenizer_actors": args.tokenizer_actors,

@@ -1,7 +1,8 @@
 """Decode, validate and filter one sample: the CPU stage before deduplication and tokenization.
 
 Input rows follow the reader contract of `pipelines.sources` (key, source, image bytes, caption bytes, meta JSON,
-reason, detail). `filter_sample` returns the row with its verdict and what later stages need:
+reason, detail; llava rows also `conversations`). `filter_sample` returns the row with its verdict and what later
+stages need:
 
     reason, detail   None for a kept sample, else one of REJECT_REASONS and a human-readable detail
     caption          the caption as str (None when it could not be decoded)
@@ -11,6 +12,10 @@ reason, detail). `filter_sample` returns the row with its verdict and what later
 
 Checks run cheapest first (source faults, caption, metadata, then the image decode), and the first failing
 check names the reason, so every rejected sample has exactly one reason. Nothing here raises for bad data.
+
+Conversation rows (llava: `conversations` is set) have no caption: the caption checks do not apply to them (their
+turns were checked for shape by the reader, the rest is the training job's chat template). One without an image is
+a text-only sample, kept without pixels (so without tokens); one with an image is decoded and checked as any other.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from tokenflow.image import MAX_PIXELS_DEFAULT, ImageError, Preprocess
 # `duplicate` are decided by later stages.
 REJECT_REASONS = (
     "shard_error",  # the input shard could not be read (past this point); one row per fault
+    # llava: an annotation entry that is not an object with a non-empty list of {from, value} string turns (or a
+    # JSON Lines line that is not JSON); turn order and roles are checked later, by the training job's template
+    "conversations_invalid",
     "image_missing",  # no image in the sample
     "caption_missing",
     "caption_encoding",  # caption bytes are not valid UTF-8
@@ -92,11 +100,17 @@ def filter_sample(row: dict, cfg: FilterConfig, preprocess: Preprocess) -> dict:
     if row.get("reason"):  # already a rejection from the reader (shard_error, image_missing)
         return out
 
-    caption, reason, detail = _check_caption(row.get("caption"), cfg)
+    conversation = row.get("conversations") is not None
+    if conversation:  # llava: the turns are the text; a caption is neither needed nor read
+        caption, reason, detail = None, None, None
+    else:
+        caption, reason, detail = _check_caption(row.get("caption"), cfg)
     out["caption"] = caption
     if reason is None:
         reason, detail = _check_metadata(row.get("meta") or "{}", cfg)
     if reason is None and image is None:
+        if conversation:
+            return out  # a text-only conversation: kept, no pixels
         reason, detail = "image_missing", "no image bytes"
     if reason is not None:
         return _reject(out, reason, detail)

@@ -21,7 +21,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import ray
@@ -31,7 +31,7 @@ from ray.data.datasource import Datasource, ReadTask
 from pipelines.clip_score import ClipScoreConfig, ClipScoreStage
 from pipelines.dedup import DedupIndex, partition_of
 from pipelines.filters import FilterConfig, filter_sample
-from pipelines.sources import Shard, expand_inputs, read_shard
+from pipelines.sources import LLAVA_ENTRIES_PER_SHARD, Shard, expand_inputs, read_shard, resolve_directory
 from pipelines.tokenize import TokenizeStage, load_tokenizer, token_dtype
 from pipelines.writer import Claim, ShardWriter
 from tokenflow import __version__ as tokenflow_version
@@ -52,11 +52,17 @@ class PretokenizeConfig:
     tokenizer: str = ""
     """A saved tokenizer directory (path or URI), or preset:NAME (random weights; smoke tests only)."""
     format: str | None = None
-    """webdataset, parquet or folder; None detects it from the inputs."""
+    """webdataset, parquet, folder or llava; None detects it from the inputs (llava only for a named .json/.jsonl
+    file: directories of the other formats hold .json sidecars)."""
     image_column: str | None = None
     """Parquet: the image column (default: detect jpg, image, image_bytes, ...)."""
     caption_column: str | None = None
     """Parquet: the caption column (default: detect caption, TEXT, text, ...)."""
+    image_root: str | None = None
+    """llava: the directory (path or s3:// URI) the annotations' `image` paths are relative to (LLaVA's
+    --image_folder); None: each annotation file's own directory."""
+    llava_entries_per_shard: int = LLAVA_ENTRIES_PER_SHARD
+    """llava: annotation entries per input shard (a read task and a unit of resume: keep it when resuming)."""
     s3_endpoint: str | None = None
     """Endpoint URL of an S3-compatible store (MinIO, Ceph, ...); credentials come from the AWS environment."""
     filters: FilterConfig = field(default_factory=FilterConfig)
@@ -100,6 +106,8 @@ class PretokenizeConfig:
             self.input = [self.input]
         if self.batch_size < 1 or self.read_batch_rows < 1:
             raise ValueError("batch sizes must be >= 1")
+        if self.llava_entries_per_shard < 1:
+            raise ValueError("llava_entries_per_shard must be >= 1")
         if self.target_file_mb <= 0 or self.row_group_mb <= 0:
             raise ValueError("target_file_mb and row_group_mb must be > 0")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -131,6 +139,7 @@ READ_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("image", pa.binary()),
         ("caption", pa.binary()),
+        ("conversations", pa.string()),  # llava: the entry's turns as JSON text; null for the other formats
         ("meta", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),
@@ -143,6 +152,7 @@ FILTERED_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("source", pa.string()),
         ("caption", pa.string()),
+        ("conversations", pa.string()),
         ("meta", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),
@@ -152,7 +162,7 @@ FILTERED_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("image_sha256", pa.string()),
         ("clip_score", pa.float32()),  # set by the optional CLIP-score stage
-        ("pixels", pa.binary()),  # uint8 S x S x 3 in the tokenizer's convention; null for rejects
+        ("pixels", pa.binary()),  # uint8 S x S x 3 in the tokenizer's convention; null for rejects and text-only
     ]
 )
 
@@ -162,7 +172,11 @@ def read_shard_tables(shard: Shard, cfg: PretokenizeConfig) -> Iterator[pa.Table
     end-of-shard row."""
     rows, n = [], 0
     for row in read_shard(
-        shard, image_column=cfg.image_column, caption_column=cfg.caption_column, storage_options=cfg.storage_options
+        shard,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column,
+        image_root=cfg.image_root,
+        storage_options=cfg.storage_options,
     ):
         rows.append({**row, "shard_id": shard.shard_id, "end_of_shard": -1})
         n += 1
@@ -226,7 +240,17 @@ def run(cfg: PretokenizeConfig) -> dict:
         raise ValueError("input, output and tokenizer are required")
     t0 = time.time()
     opts = cfg.storage_options
-    shards = expand_inputs(cfg.input, format=cfg.format, storage_options=opts)
+    shards = expand_inputs(
+        cfg.input, format=cfg.format, storage_options=opts, entries_per_shard=cfg.llava_entries_per_shard
+    )
+    conversations = any(s.format == "llava" for s in shards)
+    if conversations and cfg.clip.enabled:
+        raise ValueError("the CLIP-score filter scores images against captions, and llava inputs have conversations")
+    if cfg.image_root is not None:
+        if not conversations:
+            raise ValueError(f"image_root applies to llava inputs only; these are {shards[0].format}")
+        # resolved here: a relative local path would mean another directory in the read tasks' working directory
+        cfg = replace(cfg, image_root=resolve_directory(cfg.image_root, storage_options=opts))
     tok = load_tokenizer(cfg.tokenizer, storage_options=opts)
     dtype = token_dtype(tok.codebook_size)
     tokenizer_id = tok.fingerprint()
@@ -247,9 +271,11 @@ def run(cfg: PretokenizeConfig) -> dict:
         token_dtype=dtype,
         target_file_mb=cfg.target_file_mb,
         row_group_mb=cfg.row_group_mb,
+        conversations=conversations,
         storage_options=opts,
     )
     done = writer.recover()
+    _check_same_ranges(shards, done, cfg.output)
     other = sorted({m.get("tokenizer_id") for m in done.values()} - {tokenizer_id})
     if other:
         raise ValueError(
@@ -297,6 +323,21 @@ def run(cfg: PretokenizeConfig) -> dict:
     )
     progress.log_line(final=True)
     return manifest
+
+
+def _check_same_ranges(shards: list[Shard], done: dict[str, dict], output: str) -> None:
+    """A llava annotation file split into other entry ranges than those committed (another
+    llava_entries_per_shard, or the file changed) would have entries written twice under other keys: refuse."""
+    ranges: dict[str, set[str]] = defaultdict(set)
+    for shard in shards:
+        if shard.format == "llava":
+            ranges[shard.path].add(shard.shard_id)
+    other = sorted(sid for sid, info in done.items() if sid not in ranges.get(info.get("source"), {sid}))
+    if other:
+        raise ValueError(
+            f"{output} holds entry ranges {other[:3]} of annotation files that this run splits otherwise: resume with "
+            "the llava_entries_per_shard of the first run, or write a changed file's samples to a new output"
+        )
 
 
 def _dedup_index(partitions: int) -> Claim:

@@ -4,7 +4,7 @@ Plain Python on purpose (fsspec, pyarrow, tarfile; no Ray): the Ray Data stages 
 driver and `read_shard` inside tasks, one shard per task, so everything here must be picklable and bounded in
 memory per shard.
 
-Row contract (every reader yields exactly these keys):
+Row contract (every reader yields exactly these keys; llava rows also carry `conversations`):
 
     {"key": str,              # unique across the job (see "Keys")
      "source": str,           # the Shard.path the row came from ("s3://b/x/00001.tar", "/data/x/00001.tar")
@@ -13,6 +13,8 @@ Row contract (every reader yields exactly these keys):
      "meta": str,             # json.dumps(..., sort_keys=True) of a JSON object, "{}" when none
      "reason": str | None,    # None for a normal sample, else one of REASONS_FROM_SOURCES
      "detail": str | None}    # human-readable explanation (also set on kept rows, e.g. bad json metadata)
+    llava rows: "conversations": str | None  # the entry's turns as JSON text, exactly as given; None if rejected
+                                             # caption None; image None for a text-only sample (no `image`)
 
 Keys. `shard_id` is the shard's path relative to its input root, with "/" separators: the directory given, the
 non-glob prefix directory of a glob/brace pattern, or the parent directory of a single file. Then:
@@ -21,17 +23,32 @@ non-glob prefix directory of a glob/brace pattern, or the parent directory of a 
                                              tar gets "~2", "~3", ... appended
     parquet     f"{shard_id}#{row_index}"    0-based row index in the file
     folder      the image's path relative to the input root, extension included ("cats/a.jpg")
+    llava       f"{shard_id}/{id}"           the entry's `id` ("#{entry_index}" when it has none); repeated ids
+                                             within a shard get "~2", "~3", ... A file of more entries than
+                                             `entries_per_shard` is split into shards of entry ranges whose
+                                             shard_id is f"{file}#{first}-{last}" ("mix665k.json#0-4999")
     shard error f"{shard_id}#shard"
+
+LLaVA annotations (format "llava"): a JSON array or a JSON Lines file of `{"id", "image"?, "conversations": [{"from":
+"human"|"gpt", "value": str}, ...]}` (role/content keys are accepted too), `image` relative to an image root (by
+default the annotation file's directory, as LLaVA's `--image_folder`). `expand_inputs` makes one pass over each file
+to find where its entry ranges start (a byte offset each), so a read task seeks to its range and parses only that,
+streaming, in memory bounded by one chunk and one entry. An entry that is not an object with a list of turns is a
+`conversations_invalid` row (so is a JSON Lines line that is not JSON); an image that is not found or cannot be read
+is `image_missing` (the path in its detail); an entry without `image` is a text-only sample (image None).
 
 Faults. Bad data never raises: a sample without an image is a row with reason "image_missing"; a shard that is
 missing, unreadable, truncated or corrupt yields every sample read before the fault and then exactly one row with
-reason "shard_error" whose detail is "<ExceptionType>: <message> after N samples". Configuration mistakes (an
-unknown format, a parquet column override that does not exist, no image column) raise ValueError, and inputs that
-match nothing raise FileNotFoundError, because retrying or skipping cannot fix those.
+reason "shard_error" whose detail is "<ExceptionType>: <message> after N samples" (for a JSON array: invalid JSON, a
+missing "," or "]", data after the "]"). Configuration mistakes (an unknown format, a parquet column override that
+does not exist, no image column) raise ValueError, and inputs that match nothing raise FileNotFoundError, because
+retrying or skipping cannot fix those.
 """
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
 import lzma
 import math
@@ -40,6 +57,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,26 +71,38 @@ __all__ = [
     "FORMATS",
     "IMAGE_COLUMNS",
     "IMAGE_EXTENSIONS",
+    "JSON_EXTENSIONS",
+    "LLAVA_ENTRIES_PER_SHARD",
     "PARQUET_EXTENSIONS",
     "REASONS_FROM_SOURCES",
     "TAR_EXTENSIONS",
+    "AnnotationError",
     "Shard",
+    "Span",
     "expand_braces",
     "expand_inputs",
     "read_folder_shard",
+    "read_llava_shard",
     "read_parquet_shard",
     "read_shard",
     "read_webdataset_shard",
+    "resolve_directory",
 ]
 
-Format = Literal["webdataset", "parquet", "folder"]
-FORMATS: tuple[str, ...] = ("webdataset", "parquet", "folder")
+Format = Literal["webdataset", "parquet", "folder", "llava"]
+FORMATS: tuple[str, ...] = ("webdataset", "parquet", "folder", "llava")
 
 # Lower-case, without the dot. Matching is case-insensitive ("a.JPG" is an image).
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 TAR_EXTENSIONS: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 PARQUET_EXTENSIONS: tuple[str, ...] = (".parquet",)
-REASONS_FROM_SOURCES: tuple[str, ...] = ("image_missing", "shard_error")
+# LLaVA annotation files. Only read as such with format "llava", or a single file named as an input: directories of
+# other formats hold .json files too (webdataset/folder sidecars, img2dataset's *_stats.json).
+JSON_EXTENSIONS: tuple[str, ...] = (".json", ".jsonl")
+REASONS_FROM_SOURCES: tuple[str, ...] = ("conversations_invalid", "image_missing", "shard_error")
+
+# Entries of a LLaVA annotation file per shard (read task, resume unit): llava_v1_5_mix665k.json is 133 shards.
+LLAVA_ENTRIES_PER_SHARD = 5000
 
 # Auto-detection order for parquet columns (img2dataset, Hugging Face datasets, LAION metadata).
 IMAGE_COLUMNS: tuple[str, ...] = ("jpg", "image", "image_bytes", "img", "png", "webp")
@@ -86,6 +116,14 @@ _SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError
 # large enough that per-batch overhead is noise. Memory is bounded by one row group either way.
 _PARQUET_BATCH_ROWS = 1024
 
+# LLaVA annotations are read in chunks of this many bytes; one entry (a JSON Lines line, an array element) may not
+# exceed _MAX_ENTRY_BYTES, which bounds the memory a corrupt file (an unterminated string) can take.
+_JSON_CHUNK = 1 << 20
+_MAX_ENTRY_BYTES = 64 << 20
+# Images of a llava shard are fetched this many entries at a time, by this many threads (object stores: latency).
+_IMAGE_BATCH = 32
+_IMAGE_THREADS = 8
+
 _GLOB_CHARS = "*?[{"
 
 
@@ -95,36 +133,67 @@ _GLOB_CHARS = "*?[{"
 
 
 @dataclass(frozen=True)
+class Span:
+    """The part of a LLaVA annotation file a shard reads: `count` entries from entry `first`, which starts at byte
+    `offset` (found by expand_inputs' pass over the file)."""
+
+    first: int = 0
+    offset: int = 0
+    count: int | None = None  # None: to the end of the file, which is then checked to end properly
+    layout: Literal["array", "lines"] | None = None  # a JSON array or JSON Lines; None: detect from the file
+
+
+@dataclass(frozen=True)
 class Shard:
-    """One unit of reading work: a tar, a parquet file, or one directory of images."""
+    """One unit of reading work: a tar, a parquet file, one directory of images, or a LLaVA annotation file (or a
+    range of its entries)."""
 
     path: str  # full path or URI, protocol kept for remote files ("s3://bucket/x/00001.tar")
     shard_id: str  # path relative to the input root, "/"-separated ("part1/00001.tar"; "." for a root folder)
     format: Format
+    span: Span | None = None  # llava: the entries this shard reads; None: the whole file
 
 
 def expand_inputs(
-    inputs: Sequence[str], *, format: str | None = None, storage_options: dict | None = None
+    inputs: Sequence[str],
+    *,
+    format: str | None = None,
+    storage_options: dict | None = None,
+    entries_per_shard: int = LLAVA_ENTRIES_PER_SHARD,
 ) -> list[Shard]:
     """Expand files, directories, globs and brace patterns into shards, sorted by path and deduplicated.
 
     The format is detected from extensions (.tar/.tar.gz/.tgz -> webdataset, .parquet -> parquet, directories of
-    images -> folder, one Shard per directory that directly holds images) unless `format` is given. When the same
-    path is reached through several inputs it appears once, with the shard_id of the first input that reached it.
+    images -> folder, one Shard per directory that directly holds images, a single named .json/.jsonl file ->
+    llava) unless `format` is given. With format "llava" every .json/.jsonl file found is an annotation file, read
+    once here to split it into shards of `entries_per_shard` entries. When the same path is reached through
+    several inputs it appears once, with the shard_id of the first input that reached it.
     Raises FileNotFoundError for an input that matches nothing and ValueError for a job mixing formats.
     """
     if isinstance(inputs, str):  # a lone string is one input, not a sequence of one-character inputs
         inputs = [inputs]
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    if entries_per_shard < 1:
+        raise ValueError(f"entries_per_shard must be >= 1, got {entries_per_shard}")
     options = storage_options or {}
-    by_path: dict[str, Shard] = {}
+    by_path: dict[tuple[str, Span | None], Shard] = {}
     for spec in inputs:
-        for shard in _expand_one(spec, format, options):
-            by_path.setdefault(shard.path, shard)
-    shards = sorted(by_path.values(), key=lambda s: s.path)
+        for shard in _expand_one(spec, format, options, entries_per_shard):
+            by_path.setdefault((shard.path, shard.span), shard)
+    shards = sorted(by_path.values(), key=lambda s: (s.path, s.span.first if s.span else 0))
     _check_single_format(shards)
     return shards
+
+
+def resolve_directory(uri: str, *, storage_options: dict | None = None) -> str:
+    """`uri` as a full path (absolute for local paths, so that read tasks in other working directories find it)
+    or URI; FileNotFoundError unless it is a directory (or, on object stores, a prefix holding objects)."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    path = _strip_trailing_slash(path)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{uri!r} is not a directory")
+    return _full_path(fs, path)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -150,7 +219,7 @@ def expand_braces(pattern: str) -> list[str]:
     return [head + m + t for m in middles for t in tails]
 
 
-def _expand_one(spec: str, fmt: str | None, options: dict) -> list[Shard]:
+def _expand_one(spec: str, fmt: str | None, options: dict, per_shard: int) -> list[Shard]:
     """Shards reached by one input (file, directory, glob or brace pattern)."""
     fs, path = fsspec.core.url_to_fs(spec, **options)
     path = _strip_trailing_slash(path)
@@ -162,21 +231,22 @@ def _expand_one(spec: str, fmt: str | None, options: dict) -> list[Shard]:
         if not matches:
             raise FileNotFoundError(f"input {spec!r} matched nothing")
         files = _files_of(fs, matches)
-        shards = _shards_from_files(fs, files, root, fmt)
+        shards = _shards_from_files(fs, files, root, fmt, per_shard)
     else:
         try:
             info = fs.info(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"input {spec!r} does not exist") from None
         if info["type"] == "directory":
-            shards = _shards_from_files(fs, _files_of(fs, {path: info}), path, fmt)
+            shards = _shards_from_files(fs, _files_of(fs, {path: info}), path, fmt, per_shard)
         else:
-            shards = [_named_file_shard(fs, path, fmt)]
+            shards = _named_file_shards(fs, path, fmt, per_shard)
     if not shards:
         wanted = {
             "webdataset": "tar files (" + ", ".join(TAR_EXTENSIONS) + ")",
             "parquet": "parquet files",
             "folder": "image files",
+            "llava": "annotation files (" + ", ".join(JSON_EXTENSIONS) + ")",
         }.get(fmt or "", "tar, parquet or image files")
         raise FileNotFoundError(f"input {spec!r} matched no {wanted}")
     return shards
@@ -219,7 +289,7 @@ def _files_of(fs, matches: dict[str, dict]) -> list[str]:
     return [f for f in files if not posixpath.basename(f).startswith(".")]
 
 
-def _shards_from_files(fs, files: list[str], root: str, fmt: str | None) -> list[Shard]:
+def _shards_from_files(fs, files: list[str], root: str, fmt: str | None, per_shard: int) -> list[Shard]:
     """Shards for the files found under one input, detecting the format unless `fmt` is given."""
     tars = [f for f in files if _has_ext(f, TAR_EXTENSIONS)]
     parquets = [f for f in files if _has_ext(f, PARQUET_EXTENSIONS)]
@@ -239,11 +309,15 @@ def _shards_from_files(fs, files: list[str], root: str, fmt: str | None) -> list
         return [_file_shard(fs, t, root, "webdataset") for t in tars]
     if fmt == "parquet":
         return [_file_shard(fs, p, root, "parquet") for p in parquets]
+    if fmt == "llava":
+        annotations = [f for f in files if _has_ext(f, JSON_EXTENSIONS)]
+        return [s for a in annotations for s in _llava_shards(fs, a, root, per_shard)]
     return _folder_shards(fs, images, root)
 
 
-def _named_file_shard(fs, path: str, fmt: str | None) -> Shard:
-    """The shard for a single file named by the user; its root is its parent directory.
+def _named_file_shards(fs, path: str, fmt: str | None, per_shard: int) -> list[Shard]:
+    """The shards for a single file named by the user (one, or a llava file's ranges); its root is its parent
+    directory.
 
     A named file is read as `fmt` whatever its extension. A named image stands for its whole directory
     (the folder shard unit), so the other images beside it are read too.
@@ -256,11 +330,15 @@ def _named_file_shard(fs, path: str, fmt: str | None) -> Shard:
             fmt = "parquet"
         elif _is_image(path):
             fmt = "folder"
+        elif _has_ext(path, JSON_EXTENSIONS):
+            fmt = "llava"
         else:
             raise ValueError(f"cannot detect the format of {_full_path(fs, path)!r} from its extension; pass format=")
     if fmt == "folder":
-        return Shard(_full_path(fs, root), ".", "folder")
-    return _file_shard(fs, path, root, fmt)
+        return [Shard(_full_path(fs, root), ".", "folder")]
+    if fmt == "llava":
+        return _llava_shards(fs, path, root, per_shard)
+    return [_file_shard(fs, path, root, fmt)]
 
 
 def _file_shard(fs, path: str, root: str, fmt: str) -> Shard:
@@ -429,11 +507,12 @@ def read_shard(
     *,
     image_column: str | None = None,
     caption_column: str | None = None,
+    image_root: str | None = None,
     storage_options: dict | None = None,
 ) -> Iterator[dict]:
     """Rows of one shard (see the module docstring), dispatching on `shard.format`.
 
-    `image_column` / `caption_column` apply to parquet shards only.
+    `image_column` / `caption_column` apply to parquet shards only, `image_root` to llava shards only.
     """
     if shard.format == "webdataset":
         return read_webdataset_shard(shard, storage_options=storage_options)
@@ -443,6 +522,8 @@ def read_shard(
         )
     if shard.format == "folder":
         return read_folder_shard(shard, storage_options=storage_options)
+    if shard.format == "llava":
+        return read_llava_shard(shard, image_root=image_root, storage_options=storage_options)
     raise ValueError(f"unknown shard format {shard.format!r}; expected one of {FORMATS}")
 
 
@@ -797,3 +878,353 @@ def read_folder_shard(shard: Shard, *, storage_options: dict | None = None) -> I
             reason=None if image is not None else "image_missing",
             detail=_join_details(image_error, caption_error, meta_error, meta_detail),
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLaVA annotations (JSON array or JSON Lines) and an image root
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class AnnotationError(ValueError):
+    """An annotation file stops being a JSON array or JSON Lines file (a shard fault, not a sample's)."""
+
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _detect_layout(f) -> Literal["array", "lines"]:
+    """ "array" when the file's first character that is not whitespace (or a UTF-8 BOM) is "[", else "lines";
+    the file is left at its start. AnnotationError for a file with nothing but whitespace."""
+    first = True
+    while True:
+        chunk = f.read(65536)
+        if not chunk:
+            raise AnnotationError("the file is empty")
+        if first and chunk.startswith(codecs.BOM_UTF8):
+            chunk = chunk[len(codecs.BOM_UTF8) :]
+        first = False
+        rest = chunk.lstrip(b" \t\r\n")
+        if rest:
+            f.seek(0)
+            return "array" if rest.startswith(b"[") else "lines"
+
+
+class _ArrayEntries:
+    """The elements of a JSON array, read forward in chunks: memory bounded by one chunk and one element.
+
+    Iterating gives (byte offset, value) per element from byte `offset`: 0 (the file's start, "[" first) or the
+    offset of an element found by an earlier pass. Raises AnnotationError where the file stops being a JSON array:
+    invalid JSON, a missing "," or "]" (a file cut between two elements), data after the "]".
+    """
+
+    def __init__(self, f, offset: int = 0):
+        self.f, self.start = f, offset
+        if offset:
+            f.seek(offset)
+        self.text, self.pos, self.byte, self.eof = "", 0, offset, False  # self.byte: the offset of text[pos]
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.json = json.JSONDecoder(parse_constant=_nonfinite_to_none)
+
+    def _more(self, want: int = 0) -> bool:
+        """Read a chunk (or `want` bytes) more, dropping what was consumed; False when the file had ended."""
+        if self.eof:
+            return False
+        data = self.f.read(max(_JSON_CHUNK, want))
+        try:
+            text = self.utf8.decode(data, final=not data)
+        except UnicodeDecodeError as e:
+            raise AnnotationError(f"not UTF-8 after byte {self.byte}: {e.reason}") from None
+        self.text, self.pos, self.eof = self.text[self.pos :] + text, 0, not data
+        return True
+
+    def _advance(self, to: int) -> None:
+        self.byte += len(self.text[self.pos : to].encode("utf-8"))
+        self.pos = to
+
+    def _peek(self) -> str:
+        """The next character that is not whitespace ("" at the end of the file); the whitespace is consumed."""
+        while True:
+            self._advance(_JSON_WS.match(self.text, self.pos).end())
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self._more():
+                return ""
+
+    def _value(self) -> tuple[int, Any]:
+        while True:
+            try:
+                value, end = self.json.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError as e:
+                # An element cut by the end of the text fails near its end ("\\u12" of an escape), or as an unterminated
+                # string (reported where the string starts): before the end of the file, read more and parse again.
+                margin = 0 if self.eof else 8
+                cut = e.pos >= len(self.text) - margin or e.msg.startswith("Unterminated string")
+                pending = len(self.text) - self.pos
+                if cut and not self.eof and pending <= _MAX_ENTRY_BYTES:
+                    self._more(pending)
+                    continue
+                if cut and not self.eof:
+                    raise AnnotationError(
+                        f"the element at byte {self.byte} is over {_MAX_ENTRY_BYTES >> 20} MiB or not valid JSON"
+                    ) from None
+                if cut:
+                    raise AnnotationError(
+                        f"the file ends inside the element at byte {self.byte} (cut short?)"
+                    ) from None
+                where = self.byte + len(self.text[self.pos : e.pos].encode("utf-8"))
+                raise AnnotationError(f"invalid JSON at byte {where}: {e.msg}") from None
+            except RecursionError:
+                raise AnnotationError(f"the element at byte {self.byte} is nested too deeply") from None
+            if not self.eof and (end == len(self.text) or self.text[end] in "0123456789.eE+-"):
+                self._more()  # a number may go on in the next chunk ("1" of "1.5")
+                continue
+            offset = self.byte
+            self._advance(end)
+            return offset, value
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        if self.start == 0:
+            c = self._peek()
+            if c == "\ufeff":  # a UTF-8 byte order mark
+                self._advance(self.pos + 1)
+                c = self._peek()
+            if c != "[":
+                raise AnnotationError(f"expected a JSON array, found {c!r}" if c else "the file is empty")
+            self._advance(self.pos + 1)
+            if self._peek() == "]":
+                self._advance(self.pos + 1)
+                self._end()
+                return
+        while True:
+            if not self._peek():
+                raise AnnotationError(f"the file ends at byte {self.byte} inside the array (cut short?)")
+            yield self._value()
+            c = self._peek()
+            if c == ",":
+                self._advance(self.pos + 1)
+            elif c == "]":
+                self._advance(self.pos + 1)
+                self._end()
+                return
+            elif not c:
+                raise AnnotationError(f"the array has no closing ']': the file ends at byte {self.byte} (cut short?)")
+            else:
+                raise AnnotationError(f"expected ',' or ']' at byte {self.byte}, found {c!r}")
+
+    def _end(self) -> None:
+        c = self._peek()
+        if c:
+            raise AnnotationError(f"data after the array's closing ']' at byte {self.byte}: {c!r}")
+
+
+def _line_entries(f, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) of each line that is not blank, from byte `offset` (a line start), read in chunks."""
+    if offset:
+        f.seek(offset)
+    carry, at = b"", offset  # at: the offset of carry[0]
+    while True:
+        data = f.read(max(_JSON_CHUNK, len(carry)))
+        if not data:
+            break
+        buf, start = carry + data, 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            line = buf[start:end]
+            if line and not line.isspace():
+                yield at + start, line
+            start = end + 1
+        carry, at = buf[start:], at + start
+        if len(carry) > _MAX_ENTRY_BYTES:
+            raise AnnotationError(f"the line at byte {at} is over {_MAX_ENTRY_BYTES >> 20} MiB")
+    if carry and not carry.isspace():
+        yield at, carry
+
+
+@dataclass(frozen=True)
+class _NotJSON:
+    """A JSON Lines line that does not parse: a bad entry (the next line is read), not a shard fault."""
+
+    why: str
+
+
+def _parse_line(line: bytes, *, first: bool) -> Any:
+    """One JSON Lines entry, or _NotJSON. The file's first entry must parse: a file whose first line is not JSON is
+    not JSON Lines at all (an error page saved as .json, binary data) and raises AnnotationError."""
+    if first and line.startswith(codecs.BOM_UTF8):
+        line = line[len(codecs.BOM_UTF8) :]
+    try:
+        return json.loads(line, parse_constant=_nonfinite_to_none)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if first:
+            raise AnnotationError(f"neither a JSON array nor JSON Lines: the first line is not JSON ({e})") from None
+        return _NotJSON(f"{type(e).__name__}: {e}")
+
+
+def _span_entries(f, span: Span) -> Iterator[tuple[int, Any]]:
+    """(entry index in the file, parsed entry or _NotJSON) for the entries of `span`."""
+    layout = span.layout or _detect_layout(f)
+    if layout == "array":
+        values = (value for _, value in _ArrayEntries(f, span.offset))
+    else:
+        lines = enumerate(line for _, line in _line_entries(f, span.offset))
+        values = (_parse_line(line, first=span.first == k == 0) for k, line in lines)
+    yield from zip(itertools.count(span.first), itertools.islice(values, span.count))
+
+
+def _llava_shards(fs, path: str, root: str, per_shard: int) -> list[Shard]:
+    """The shards of one annotation file: ranges of `per_shard` entries, found by one streaming pass over the file
+    (JSON Lines: its lines; a JSON array: its parsed elements). One range: the shard_id is the file's.
+
+    A file that cannot be read or parsed to its end still gets shards: those of the ranges before the fault, then
+    one from there to the end ("file#first-"), whose reader meets the fault again and records it (shard_error).
+    """
+    file_id, full = _relative(path, root), _full_path(fs, path)
+    starts: list[tuple[int, int]] = []  # (first entry, byte offset) of each range
+    layout, n, complete = None, 0, False
+    try:
+        with fs.open(path, "rb") as f:
+            layout = _detect_layout(f)
+            entries = _ArrayEntries(f) if layout == "array" else _line_entries(f)
+            for offset, entry in entries:
+                if n == 0 and layout == "lines":
+                    _parse_line(entry, first=True)  # raises for a file that is not JSON Lines
+                if n % per_shard == 0:
+                    starts.append((n, offset))
+                n += 1
+        complete = True
+    except (*_SHARD_ERRORS, AnnotationError):
+        pass
+    if len(starts) <= 1:
+        return [Shard(full, file_id, "llava", Span(layout=layout))]
+    shards = []
+    for i, (first, offset) in enumerate(starts):
+        if i < len(starts) - 1:
+            last, count = first + per_shard - 1, per_shard
+        else:  # the last range reads to the end of the file, and checks that it ends properly
+            last, count = (n - 1 if complete else ""), None
+        shards.append(Shard(full, f"{file_id}#{first}-{last}", "llava", Span(first, offset, count, layout)))
+    return shards
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _turns_problem(turns: Any) -> str | None:
+    """Why `conversations` is not a non-empty list of {from, value} (or {role, content}) turns with string values;
+    None when it is. Turn order and roles are checked by the training job's chat template."""
+    if turns is None:
+        return "no 'conversations'"
+    if not isinstance(turns, list):
+        return f"'conversations' is {_json_type(turns)}, not a list of turns"
+    if not turns:
+        return "'conversations' is empty"
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"turn {k} is {_json_type(turn)}, not an object"
+        role, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if not isinstance(role, str):
+            return f"turn {k} has no 'from' string (got {_json_type(role)})"
+        if not isinstance(text, str):
+            return f"turn {k} has no 'value' string (got {_json_type(text)})"
+    return None
+
+
+def _sample_id(value: Any) -> str | None:
+    """An entry's `id` as a string (integers converted); None when it has no usable one."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _llava_row(shard: Shard, index: int, entry: Any, used: set[str]) -> tuple[dict, str | None]:
+    """The row of one annotation entry before its image is read, and the entry's image path (None: text-only, or
+    the row is already rejected)."""
+    if isinstance(entry, _NotJSON):
+        problem, obj = f"not JSON ({entry.why})", {}
+    elif not isinstance(entry, dict):
+        problem, obj = f"{_json_type(entry)}, not an object", {}
+    else:
+        problem, obj = _turns_problem(entry.get("conversations")), entry
+    sample_id = _sample_id(obj.get("id"))
+    key = _unique_key(f"{shard.shard_id}/{sample_id if sample_id is not None else f'#{index}'}", used)
+    # `meta` (the output's metadata columns): the entry's fields but its turns, `id` as a string, `image` always
+    # present (null when text-only) so that the first output file's columns fit every later one.
+    meta = {"image": None, **{k: v for k, v in obj.items() if k != "conversations"}, "id": sample_id}
+    row = {**_row(key, shard.path, meta=json.dumps(meta, sort_keys=True)), "conversations": None}
+    if problem is not None:
+        row.update(reason="conversations_invalid", detail=f"entry {index}: {problem}")
+        return row, None
+    row["conversations"] = json.dumps(obj["conversations"])  # ASCII: a lone surrogate escape stays valid text
+    image = obj.get("image")
+    if image is None:
+        return row, None
+    if not isinstance(image, str) or not image.strip():
+        what = "an empty string" if isinstance(image, str) else _json_type(image)
+        row.update(reason="image_missing", detail=f"entry {index}: 'image' is {what}, not a path")
+        return row, None
+    return row, image
+
+
+def _fetch(fs, path: str) -> tuple[bytes | None, str | None]:
+    """(bytes, None), or (None, why not) for a file that is missing or cannot be read."""
+    try:
+        return fs.cat_file(path), None
+    except FileNotFoundError:
+        return None, f"image not found: {_full_path(fs, path)}"
+    except _SHARD_ERRORS as e:
+        return None, f"cannot read image {_full_path(fs, path)}: {type(e).__name__}: {e}"
+
+
+def read_llava_shard(
+    shard: Shard, *, image_root: str | None = None, storage_options: dict | None = None
+) -> Iterator[dict]:
+    """Yield one row per annotation entry of the shard's span (the whole file without one), in file order.
+
+    `image` paths are relative to `image_root` (path or URI; default: the annotation file's directory) unless
+    absolute (os.path.join's rule, as LLaVA joins them). Images are read a few entries at a time by a few threads.
+    A file that is missing, unreadable, cut short or not JSON yields the rows read so far, then one shard_error row.
+    """
+    options = storage_options or {}
+    fs, path = fsspec.core.url_to_fs(shard.path, **options)
+    root = image_root if image_root is not None else posixpath.dirname(shard.path)
+    root_fs, root_path = fsspec.core.url_to_fs(root, **options)
+    root_path = _strip_trailing_slash(root_path)
+    span = shard.span or Span()
+    used: set[str] = set()
+    emitted = 0
+    try:
+        f = fs.open(path, "rb")
+    except _SHARD_ERRORS as e:
+        yield {**_shard_error_row(shard, e, 0), "conversations": None}
+        return
+    with f, ThreadPoolExecutor(_IMAGE_THREADS) as pool:
+        entries = _span_entries(f, span)
+        fault: BaseException | None = None
+        while True:
+            batch: list[tuple[int, Any]] = []
+            try:
+                for item in entries:
+                    batch.append(item)
+                    if len(batch) == _IMAGE_BATCH:
+                        break
+            except (*_SHARD_ERRORS, AnnotationError) as e:
+                fault = e
+            rows = [_llava_row(shard, index, entry, used) for index, entry in batch]
+            paths = sorted({image for _, image in rows if image is not None})
+            full = [posixpath.join(root_path, image) for image in paths]  # an absolute `image` stays as it is
+            fetched = dict(zip(paths, pool.map(lambda p: _fetch(root_fs, p), full)))
+            for row, image in rows:
+                if image is not None:
+                    row["image"], error = fetched[image]
+                    if error is not None:
+                        row.update(reason="image_missing", detail=error)
+                yield row
+                emitted += 1
+            if fault is not None:
+                yield {**_shard_error_row(shard, fault, emitted), "conversations": None}
+                return
+            if len(batch) < _IMAGE_BATCH:
+                return

@@ -1,7 +1,8 @@
 """The tokenize stage: a callable class for a Ray Data actor pool, holding one `tokenflow.Tokenizer`.
 
-Reads the `pixels` column (uint8 S x S x 3 bytes, null for rejected rows) and writes `tokens` (the flattened
-scale-major indices as bytes of `token_dtype`, null for rejected rows); drops `pixels`. On a GPU (precision
+Reads the `pixels` column (uint8 S x S x 3 bytes, null for rejected rows and text-only llava conversations) and
+writes `tokens` (the flattened scale-major indices as bytes of `token_dtype`, null where `pixels` is: the model never
+sees those rows); drops `pixels`. On a GPU (precision
 "auto") the model runs in bf16 except the quantizer, which always runs in fp32 (a bf16 argmin flips tokens);
 precision "fp32" on a GPU turns TF32 off, so its tokens are the CPU's up to near-ties.
 """

@@ -22,6 +22,7 @@ the named point; the points are the `_failpoint` calls below.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -44,6 +45,16 @@ MiB = 1 << 20
 
 Claim = Callable[[list[str], list[str]], list[str | None]]
 """Dedup index: (image digests, keys) in order -> for each, the key that claimed the digest first, or None if new."""
+
+
+def dedup_digest(image_sha256: str | None, conversations: str | None = None) -> str | None:
+    """What exact duplicates are found by: the image bytes' digest; for a conversation (llava) the image and its
+    turns together, as one image with other questions is another sample (LLaVA-1.5's mix reuses COCO images across
+    its sources). None (never a duplicate) for a sample without an image: a text-only conversation."""
+    if image_sha256 is None or conversations is None:
+        return image_sha256
+    return hashlib.sha256(f"{image_sha256}\n{conversations}".encode()).hexdigest()
+
 
 _failpoint_hits: Counter = Counter()
 
@@ -162,14 +173,17 @@ class ShardWriter:
         claim: Claim | None = None,
         target_file_mb: float = 256.0,
         row_group_mb: float = 32.0,
+        conversations: bool = False,
         storage_options: dict | None = None,
     ):
+        """`conversations`: the job reads llava annotations, and its shards get a `conversations` column."""
         self.fs, self.root = fsspec.core.url_to_fs(output, **(storage_options or {}))
         self.root = self.root.rstrip("/")
         self.file_metadata = {**file_metadata, "tokenflow_shard_format": FORMAT_VERSION}
         self.token_type = pa.list_(pa.from_numpy_dtype(token_dtype))
         self.token_dtype = token_dtype
         self.claim = claim
+        self.conversations = conversations
         self.target_bytes = max(1, int(target_file_mb * MiB))
         self.row_group_bytes = max(1, int(row_group_mb * MiB))
         self.pending: dict[str, _Pending] = defaultdict(_Pending)
@@ -207,13 +221,20 @@ class ShardWriter:
         return done
 
     def committed_digests(self, batch_rows: int = 65_536):
-        """(image digests, keys) of every committed kept sample, in commit order, in batches (to rebuild dedup)."""
+        """(dedup digests, keys) of every committed kept sample with an image, in commit order, in batches (to
+        rebuild dedup)."""
         for rec in self.records():
             if rec["kept"] == 0:
                 continue
             with self.fs.open(f"{self.root}/{rec['shards_file']}", "rb") as fh:
-                for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=["key", "image_sha256"]):
-                    yield batch.column("image_sha256").to_pylist(), batch.column("key").to_pylist()
+                pf = pq.ParquetFile(fh)
+                columns = [c for c in ("key", "image_sha256", "conversations") if c in pf.schema_arrow.names]
+                for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                    col = batch.to_pydict()
+                    turns = col.get("conversations", [None] * batch.num_rows)
+                    found = [(dedup_digest(i, t), k) for k, i, t in zip(col["key"], col["image_sha256"], turns)]
+                    found = [(d, k) for d, k in found if d is not None]
+                    yield [d for d, _ in found], [k for _, k in found]
 
     # ---- streaming in -------------------------------------------------------------------------------------------
 
@@ -249,12 +270,14 @@ class ShardWriter:
 
     def _finish_shard(self, shard_id: str, p: _Pending) -> None:
         rows = sorted(p.rows, key=lambda r: r["key"])  # deterministic order, and first-key-wins dedup in a shard
-        candidates = [r for r in rows if not r["reason"]]
+        digests = {r["key"]: dedup_digest(r["image_sha256"], r.get("conversations")) for r in rows}
+        candidates = [r for r in rows if not r["reason"] and digests[r["key"]] is not None]
         if self.claim is not None and candidates:
-            firsts = self.claim([r["image_sha256"] for r in candidates], [r["key"] for r in candidates])
+            firsts = self.claim([digests[r["key"]] for r in candidates], [r["key"] for r in candidates])
             for r, first in zip(candidates, firsts):
                 if first is not None:
-                    r["reason"], r["detail"] = "duplicate", f"same image bytes as {first}"
+                    same = "image bytes and conversations" if r.get("conversations") is not None else "image bytes"
+                    r["reason"], r["detail"] = "duplicate", f"same {same} as {first}"
         kept = [r for r in rows if not r["reason"]]
         rejects = [r for r in rows if r["reason"]]
         if self.part is None:
@@ -313,10 +336,15 @@ class ShardWriter:
         _failpoint("part_committed")
 
     def _kept_table(self, rows: list[dict]) -> pa.Table:
+        tokens = [None if r["tokens"] is None else np.frombuffer(r["tokens"], dtype=self.token_dtype) for r in rows]
         cols = {
             "key": pa.array([r["key"] for r in rows], pa.string()),
             "caption": pa.array([r["caption"] for r in rows], pa.string()),
-            "tokens": pa.array([np.frombuffer(r["tokens"], dtype=self.token_dtype) for r in rows], self.token_type),
+        }
+        if self.conversations:  # llava jobs only: the other formats' shards keep their schema
+            cols["conversations"] = pa.array([r.get("conversations") for r in rows], pa.string())  # the turns, JSON
+        cols |= {
+            "tokens": pa.array(tokens, self.token_type),  # null for a text-only conversation (so are size and digest)
             "width": pa.array([r["width"] for r in rows], pa.int32()),
             "height": pa.array([r["height"] for r in rows], pa.int32()),
             "image_sha256": pa.array([r["image_sha256"] for r in rows], pa.string()),

@@ -481,3 +481,78 @@ def test_manifest_counts(job):
     }
     assert listed == on_disk
     assert sum(listed.values()) == len(job.expected)
+
+
+# ---- LLaVA annotations ----------------------------------------------------------------------------------------
+
+
+def _chat(question: str, answer: str, image: bool = True) -> list[dict]:
+    return [{"from": "human", "value": ("<image>\n" if image else "") + question}, {"from": "gpt", "value": answer}]
+
+
+def test_llava_annotations_with_an_image_root(ray_local, tok, tmp_path):
+    """`--format llava` end to end: a JSON annotation file split into two entry ranges, images under an image root.
+    Image and text-only samples are kept (text-only with null tokens), a missing image, a broken one and a malformed
+    conversation are rejected with their reasons, and one image asked about twice is two samples, not a duplicate."""
+    images = tmp_path / "images"
+    (images / "coco").mkdir(parents=True)
+    (images / "coco/a.jpg").write_bytes(IMAGES["astronaut"])
+    (images / "coco/broken.jpg").write_bytes(IMAGES["garbage"])
+    entries = [
+        {"id": "img", "image": "coco/a.jpg", "conversations": _chat("What is this? (ü, 😀)", "An astronaut.")},
+        {"id": "text", "conversations": _chat("Write a haiku.", "Frost on the window", image=False)},
+        {"id": "gone", "image": "coco/gone.jpg", "conversations": _chat("Q", "A")},
+        {"id": "broken", "image": "coco/broken.jpg", "conversations": _chat("Q", "A")},
+        {"id": "bad", "image": "coco/a.jpg", "conversations": "<image>\nnot a list of turns"},
+        {"id": "img2", "image": "coco/a.jpg", "conversations": _chat("What colour is the suit?", "White.")},
+    ]
+    annotations = tmp_path / "ann" / "llava.json"
+    annotations.parent.mkdir()
+    annotations.write_text(json.dumps(entries, indent=1))
+    out = tmp_path / "out"
+    cfg = PretokenizeConfig(
+        input=[str(annotations)],
+        output=str(out),
+        tokenizer="preset:tiny",
+        format="llava",
+        image_root=str(images),
+        llava_entries_per_shard=4,
+        tokenizer_actors=1,
+        batch_size=4,
+        read_batch_rows=8,
+        filters=FILTERS,
+    )
+    manifest = run(cfg)
+
+    key = {e["id"]: f"llava.json#{'0-3' if i < 4 else '4-5'}/{e['id']}" for i, e in enumerate(entries)}
+    kept_rows, reject_rows = _rows(out / "shards"), _rows(out / "rejects")
+    assert sorted(r["key"] for r in kept_rows + reject_rows) == sorted(key.values())  # each sample exactly once
+    kept, rejects = {r["key"]: r for r in kept_rows}, {r["key"]: r for r in reject_rows}
+    assert sorted(kept) == sorted(key[i] for i in ("img", "text", "img2"))
+    assert {k: (r["reason"], r["source"]) for k, r in rejects.items()} == {
+        key["gone"]: ("image_missing", str(annotations)),
+        key["broken"]: ("decode_error", str(annotations)),
+        key["bad"]: ("conversations_invalid", str(annotations)),
+    }
+    assert rejects[key["gone"]]["detail"] == f"image not found: {images}/coco/gone.jpg"
+    assert rejects[key["bad"]]["detail"] == "entry 4: 'conversations' is a string, not a list of turns"
+
+    by_id = {e["id"]: e for e in entries}
+    direct = tok.encode(tok.preprocess([Image.open(io.BytesIO(IMAGES["astronaut"]))]))[0]
+    for k, row in kept.items():
+        entry = by_id[row["id"]]
+        assert json.loads(row["conversations"]) == entry["conversations"], k  # the turns exactly, <image> kept
+        assert row["caption"] is None and row["source"] == str(annotations) and row["image"] == entry.get("image")
+        if "image" in entry:
+            assert torch.equal(torch.tensor(row["tokens"], dtype=torch.long), direct), k
+            assert (row["width"], row["height"]) == SIZE
+            assert row["image_sha256"] == hashlib.sha256(IMAGES["astronaut"]).hexdigest()
+        else:  # text-only: kept, never tokenized
+            assert (row["tokens"], row["width"], row["height"], row["image_sha256"]) == (None,) * 4
+    assert manifest["counts"] == {
+        "samples": 6,
+        "kept": 3,
+        "rejected": 3,
+        "reasons": {"conversations_invalid": 1, "decode_error": 1, "image_missing": 1},
+    }
+    assert manifest["shards_done"] == 2 and manifest["inputs_done"] == [str(annotations)]
