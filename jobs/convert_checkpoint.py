@@ -5,6 +5,8 @@
         --output s3://models/tokenizers/siglip_384
     python jobs/convert_checkpoint.py --kind unitok --input unitok_tokenizer.pth --output tok/unitok
     python jobs/convert_checkpoint.py --kind tokenflow-t2i --input TokenFlow-t2i/ --output models/t2i
+    python jobs/convert_checkpoint.py --kind tokenflow-llava --input Tokenflow-llava-qwen2.5-14B-finetuning/ \\
+        --output models/i2t [--image-tokenizer-id FINGERPRINT]
 
 The preset is recognised from the file (clipb_256 for the enhanced-decoder clipb file, siglip_384 for
 TokenFlow-XL, unitok); `--preset` forces one. The output (`config.json` + `model.safetensors`, with the source's
@@ -32,7 +34,10 @@ from tokenflow.convert import convert_checkpoint
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--kind", required=True, choices=("tokenflow", "unitok", "tokenflow-t2i"), help="which official code wrote it"
+        "--kind",
+        required=True,
+        choices=("tokenflow", "unitok", "tokenflow-t2i", "tokenflow-llava"),
+        help="which official code wrote it",
     )
     p.add_argument("--input", required=True, help="official checkpoint: local path or fsspec URI (s3://...)")
     p.add_argument("--output", required=True, help="tokenizer directory to write: local path or URI")
@@ -42,12 +47,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help='JSON fsspec options for --input/--output URIs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'',
     )
+    p.add_argument(
+        "--image-tokenizer-id",
+        default=None,
+        help="tokenflow-llava: fingerprint of the converted image tokenizer to record with the model",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = json.loads(args.storage_options) if args.storage_options else None
+    if args.image_tokenizer_id is not None and args.kind != "tokenflow-llava":
+        print("convert_checkpoint: --image-tokenizer-id is for --kind tokenflow-llava", file=sys.stderr)
+        return 2
     if args.kind == "tokenflow-t2i":
         from tokenflow.llm.convert import convert_t2i_checkpoint
 
@@ -58,6 +71,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         n = sum(t.numel() for t in model.state_dict().values())
         print(f"wrote {args.output}: TokenFlow-t2i -> {model.num_layers} layers, {n:,} weights")
+        return 0
+    if args.kind == "tokenflow-llava":
+        from tokenflow.llm.convert_i2t import convert_i2t_checkpoint
+
+        try:
+            model = convert_i2t_checkpoint(
+                args.input, args.output, image_tokenizer_id=args.image_tokenizer_id, storage_options=options
+            )
+        except (ValueError, FileNotFoundError) as err:
+            print(f"convert_checkpoint: {err}", file=sys.stderr)
+            return 2
+        n = sum(t.numel() for t in model.state_dict().values())
+        layers = model.llm.config.num_hidden_layers
+        print(f"wrote {args.output}: TokenFlow llava (Qwen2) -> {layers} layers, {n:,} weights")
         return 0
     try:
         tok = convert_checkpoint(args.kind, args.input, args.output, preset_name=args.preset, storage_options=options)
