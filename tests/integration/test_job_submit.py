@@ -1,5 +1,5 @@
-"""The real cluster path: `ray start --head` on 127.0.0.1, `ray job submit --working-dir .` of the pretokenize and
-training jobs, read the output."""
+"""The real cluster path: `ray start --head` on 127.0.0.1, `ray job submit --working-dir .` of the pretokenize job
+and of a training job (the understanding model's SFT stage, stopped and resubmitted), read the output."""
 
 import json
 import os
@@ -81,25 +81,60 @@ def test_ray_job_submit_pretokenize(ray_head, tmp_path):
     assert_sample_corpus_tokenized(out)
 
 
-def test_ray_job_submit_train_tokenizer(ray_head, tmp_path):
-    """The research team's command: the tiny config, 4 steps, then the tokenizer it wrote loads."""
-    address, env = ray_head
-    runs = tmp_path / "runs"
+def _submit(address: str, env: dict, name: str, args: list[str]) -> str:
     cmd = [
         str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--submission-id", f"train-tokenizer-test-{int(time.time())}", "--",
-        sys.executable, "jobs/train_tokenizer.py", "--config", "jobs/configs/tokenizer_tiny.yaml",
-        "--input", str(REPO / "samples" / "images"), "--storage-path", str(runs), "--name", "submitted",
-        "--max-steps", "4", "--set", "checkpoint_every=2", "--set", "log_every=2", "--set", "image_every=2",
-        "--set", "eval_every=0",
+        "--submission-id", f"{name}-{time.time_ns()}", "--", sys.executable, *args,
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
-    state = json.loads((runs / "submitted" / "step_00000004" / "state.json").read_text())
-    assert state["step"] == 4
+    return done.stdout
 
-    from tokenflow import Tokenizer
 
-    tok = Tokenizer.from_pretrained(runs / "submitted" / "tokenizer")
-    assert tok.scales == (1, 2, 4, 6, 8)
+def test_ray_job_submit_understanding_sft_stopped_then_resubmitted(ray_head, mlflow_server, tmp_path):
+    """The research team's command for the understanding model's SFT stage (ZeRO-3, from a saved projector, on
+    conversation and caption shards), run for 2 steps, then submitted again with more steps: it resumes from the
+    checkpoint and continues the same MLflow run."""
+    import mlflow
+
+    from tests.integration.i2t_shards import save_projector_model, write_i2t_data
+    from tokenflow.llm.i2t import I2TModel
+
+    address, env = ray_head
+    tok = write_i2t_data(tmp_path / "data")
+    save_projector_model(tmp_path / "projector", tok.fingerprint())
+    args = [
+        "jobs/train_i2t.py", "--config", "jobs/configs/i2t_tiny.yaml", "--stage", "sft",
+        "--data", str(tmp_path / "data" / "chat"), "--data", str(tmp_path / "data" / "captions"),
+        "--tokenizer", str(tmp_path / "data" / "tokenizer"), "--projector-init", str(tmp_path / "projector"),
+        "--output", str(tmp_path / "runs" / "sft"), "--mlflow-uri", mlflow_server,
+        "--set", "checkpoint_every=2", "--set", "log_every=2", "--set", "sample_every=2",
+        "--set", "data.max_length=128", "--set", "data.repeat=1", "--set", "data.group_window=2",
+    ]  # fmt: skip
+    first = _submit(address, env, "i2t-sft", [*args, "--max-steps", "2"])
+    assert f"checkpoint: {tmp_path / 'runs' / 'sft' / 'step_00000002'}" in first
+    again = _submit(address, env, "i2t-sft", [*args, "--max-steps", "4"])
+    assert f"checkpoint: {tmp_path / 'runs' / 'sft' / 'step_00000004'}" in again
+
+    model_dir = tmp_path / "runs" / "sft" / "model"
+    model = I2TModel.from_pretrained(model_dir)  # ZeRO-3's partitions gathered into full tensors
+    assert model.config.template == "vicuna_v1"
+    payload = json.loads((model_dir / "config.json").read_text())
+    assert payload["image_tokenizer_id"] == tok.fingerprint() and payload["provenance"]["steps"] == 4
+    assert payload["provenance"]["projector_init"] == str(tmp_path / "projector")
+    assert (model_dir / "tokenizer.json").exists()
+
+    client = mlflow.MlflowClient(mlflow_server)
+    (run_info,) = client.search_runs([client.get_experiment_by_name("i2t").experiment_id])
+    assert run_info.data.tags["stage"] == "sft" and run_info.data.tags["template"] == "vicuna_v1"
+    history = [m.step for m in client.get_metric_history(run_info.info.run_id, "loss")]
+    assert history == [2, 4]  # the resubmitted run continued the same MLflow run, from step 2
+    metrics = run_info.data.metrics
+    assert metrics["data/rejected.conversations_invalid"] >= 1 and metrics["data/zero_supervision"] >= 1
+    assert metrics["data/samples_text_only"] >= 1 and metrics["data/samples_image"] >= 1
+    artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id, "conversations")}
+    assert artifacts == {"conversations/step_00000002.txt", "conversations/step_00000004.txt"}
+    text = client.download_artifacts(run_info.info.run_id, "conversations/step_00000004.txt", str(tmp_path))
+    body = open(text).read()
+    assert "=== worker 0" in body and "=== worker 1" in body and "--- reference" in body
