@@ -27,10 +27,16 @@ demo: $(STAMP)
 	$(PY) jobs/generate.py --model demo_output/runs/t2i-tiny/model --tokenizer demo_output/runs/tokenizer-tiny/tokenizer \
 		--prompt "A ginger tabby cat looking to the side." --prompt "A rocket standing on its launch pad under a blue sky." \
 		--images-per-prompt 2 --loop 3 --cfg 3 --output demo_output/samples
+	$(PY) jobs/train_i2t.py --config jobs/configs/i2t_tiny.yaml --stage align \
+		--mlflow-uri sqlite:///$(CURDIR)/demo_output/mlflow.db
+	@echo "asking the understanding model about samples/images/chelsea.jpg (40 steps of a random decoder: noise)"
+	$(PY) jobs/chat.py --model demo_output/runs/i2t-tiny/model --tokenizer demo_output/runs/tokenizer-tiny/tokenizer \
+		--image samples/images/chelsea.jpg --prompt "What is in the image?" --max-new-tokens 16
 	@echo "trained tokenizer: demo_output/runs/tokenizer-tiny/tokenizer/ (checkpoints next to it)"
 	@echo "token shards: demo_output/tokens/shards/  rejects: demo_output/tokens/rejects/  summary: demo_output/tokens/manifest.json"
 	@echo "text-to-image model: demo_output/runs/t2i-tiny/model/  samples: demo_output/samples/ (images/, samples.parquet)"
-	@echo "MLflow UI (runs in experiments 'tokenizer', 'pretokenize' and 't2i'):"
+	@echo "understanding model (align stage): demo_output/runs/i2t-tiny/model/"
+	@echo "MLflow UI (runs in experiments 'tokenizer', 'pretokenize', 't2i' and 'i2t'):"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/demo_output/mlflow.db"
 
 # The unit tests (CPU only, no servers) run at the lowest priority beside the integration tests, which spend much of
