@@ -85,15 +85,13 @@ class Captioner:
         details: list = [None] * n
         inputs: list = [None] * n
         if "image" in batch:
-            from tokenflow.image import load_image
-
+            preprocessor = self.assistant.image_tokenizer.preprocessor
             for i, (data, error) in enumerate(zip(batch["image"], batch["error"], strict=True)):
                 if error is not None:
                     reasons[i], details[i] = "unreadable", error
                     continue
-                try:
-                    load_image(data)  # the tokenizer's own decode path: a broken file is a reason, not a crash
-                    inputs[i] = data
+                try:  # the tokenizer's own decode path, once: a broken file is a reason, not a crash
+                    inputs[i] = preprocessor.load(data)[0]
                 except Exception as e:  # noqa: BLE001 - any decode failure is recorded
                     reasons[i], details[i] = "decode_error", f"{type(e).__name__}: {e}"
         else:
@@ -110,10 +108,14 @@ class Captioner:
             questions = [self.cfg.prompt] * len(todo)
             kwargs = dict(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                           top_p=self.cfg.top_p, seed=self.cfg.seed)  # fmt: skip
-            if "image" in batch:
-                out = self.assistant.answer([inputs[i] for i in todo], questions, **kwargs)
+            if "image" in batch:  # Assistant.answer's encoding, from the images decoded above
+                from tokenflow.image import to_tensor
+
+                tok = self.assistant.image_tokenizer
+                tokens = list(tok.encode(to_tensor([inputs[i] for i in todo]).to(tok.device)))
             else:
-                out = self.assistant.answer_tokens([inputs[i] for i in todo], questions, **kwargs)
+                tokens = [inputs[i] for i in todo]
+            out = self.assistant.answer_tokens(tokens, questions, **kwargs)
             for i, a in zip(todo, out, strict=True):
                 answers[i] = a
         columns = {
