@@ -45,7 +45,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipelines.sources import Shard
-from pipelines.t2i_data import check_tokenizer_id
+from pipelines.t2i_data import _cached_tokenizer, check_tokenizer_id
 
 # Read tasks import this module in fresh Ray worker processes: no torch and no model code at the top.
 
@@ -171,16 +171,6 @@ def encode_row(spec: _ReadSpec, text_tokenizer, epoch: int, row: dict) -> dict:
         "length": enc.length,
         "truncated": enc.truncated,
     }
-
-
-_TOKENIZERS: dict = {}
-
-
-def _cached_tokenizer(ref):
-    key = ref.hex()
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = ray.get(ref)
-    return _TOKENIZERS[key]
 
 
 def read_i2t_shard(i: int, spec: _ReadSpec) -> Iterator[pa.Table]:
