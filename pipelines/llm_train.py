@@ -33,18 +33,19 @@ def load_text_tokenizer(text_tokenizer: str | None, llm: str | None):
 
 def image_tokenizer_info(path: str, storage_options: dict | None = None) -> dict:
     """id, scales, codebook size and feature width of a saved TokenFlow image tokenizer (the id hashes the
-    weights, so they are loaded)."""
-    from tokenflow import Tokenizer
+    weights, so they are read)."""
+    from tokenflow.codes import CodeFeatures
 
-    tok = Tokenizer.from_pretrained(path, storage_options=storage_options)
-    if tok.num_codebooks != 1:
+    codes = CodeFeatures.from_pretrained(path, storage_options=storage_options)
+    q = codes.config.quantizer
+    if q.num_codebooks != 1:
         raise ValueError(f"{path} is a multi-codebook tokenizer; the LLMs read TokenFlow tokens (one codebook)")
     return {
-        "id": tok.fingerprint(),
-        "scales": list(tok.scales),
-        "codebook_size": tok.codebook_size,
-        "tokens_per_image": tok.tokens_per_image,
-        "code_dim": tok.code_dim,
+        "id": codes.fingerprint(),
+        "scales": list(q.scales),
+        "codebook_size": q.codebook_size,
+        "tokens_per_image": q.tokens_per_image,
+        "code_dim": q.code_dim,
     }
 
 
@@ -94,8 +95,12 @@ def zero3_construction(ds_config: dict | None):
         yield
         return
     import deepspeed
+    import torch._dynamo  # noqa: F401
     from transformers.integrations import HfDeepSpeedConfig
 
+    # zero.Init replaces torch.Tensor.__new__ while open, and torch._dynamo checks its polyfills against the original
+    # when it is first imported: imported in there (a lazily imported decoder class, FlexAttention) it raises
+    # "Signature mismatch ... tensor_pynew". Imported above, before the patch, it never is.
     hf_ds = HfDeepSpeedConfig(ds_config)
     try:
         yield deepspeed.zero.Init(config_dict_or_path=ds_config)

@@ -252,7 +252,7 @@ def train_loop(config: dict) -> None:
     from pipelines.i2t_data import I2TBatches
     from pipelines.llm_train import load_text_tokenizer, param_groups
     from pipelines.train_tracking import RunTracker
-    from tokenflow import Tokenizer
+    from tokenflow.codes import CodeFeatures
     from tokenflow.llm.i2t_step import I2TStep
     from tokenflow.train.deepspeed import ds_config as make_ds_config
     from tokenflow.train.engine import lr_factor
@@ -279,9 +279,10 @@ def train_loop(config: dict) -> None:
             lambda: (batches.start_epoch(state["epoch"], skip), batches.fill(cfg.grad_accum)),
         )
 
-        image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
-        image_tok.requires_grad_(False)
-        if image_tok.fingerprint() != info["id"]:
+        # the codebooks only: the features are a function of the token indices, no encoder or decoder is needed
+        codes = CodeFeatures.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
+        codes.requires_grad_(False)
+        if codes.fingerprint() != info["id"]:
             raise RuntimeError(f"the image tokenizer at {cfg.tokenizer} changed while the job ran")
         text_tok = load_text_tokenizer(cfg.text_tokenizer, cfg.llm)
         optimizer = cfg.optimizer
@@ -309,7 +310,7 @@ def train_loop(config: dict) -> None:
         )
         step_fn = I2TStep(
             engine,
-            image_tok.features,
+            codes.features,
             image_tokens=model.config.image_tokens,
             code_dim=model.config.code_dim,
             grad_accum=cfg.grad_accum,

@@ -179,7 +179,7 @@ def train_loop(config: dict) -> None:
     from pipelines.llm_train import load_text_tokenizer
     from pipelines.t2i_data import T2IBatches
     from pipelines.train_tracking import RunTracker
-    from tokenflow import Tokenizer
+    from tokenflow.codes import CodeFeatures
     from tokenflow.llm.layout import T2ILayout
     from tokenflow.llm.t2i_step import T2IStep
     from tokenflow.train.deepspeed import ds_config as make_ds_config
@@ -201,11 +201,19 @@ def train_loop(config: dict) -> None:
             config["plan"], state["epoch"], lambda: (batches.start_epoch(state["epoch"], skip), batches.fill(need))
         )
 
-        image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
-        image_tok.requires_grad_(False)
-        if image_tok.fingerprint() != info["id"]:
+        # the codebooks for the cascaded features; the whole tokenizer only where sample grids are decoded
+        if rank == 0:
+            from tokenflow import Tokenizer
+
+            image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
+            codes = CodeFeatures.of(image_tok.requires_grad_(False))
+        else:
+            image_tok = None
+            codes = CodeFeatures.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
+        codes.requires_grad_(False)
+        if codes.fingerprint() != info["id"]:
             raise RuntimeError(f"the image tokenizer at {cfg.tokenizer} changed while the job ran")
-        quantizer = image_tok.model.quantizer
+        quantizer = codes.quantizer
         ds = make_ds_config(
             cfg.optimizer,
             zero_stage=cfg.zero_stage,
@@ -309,7 +317,7 @@ def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, sta
                 log.info("step %d: loss %.4f, lr %.3g", step, metrics["loss/image_eos"], metrics["lr"])
             window, t0 = {}, time.time()
         if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.max_steps:
-            _log_samples(cfg, engine.module, image_tok, text_tok, layout, tracker, step, device, amp)
+            _log_samples(cfg, engine.module, step_fn.quantizer, image_tok, text_tok, layout, tracker, step, device, amp)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             state.update(step=step, epoch=epoch)
             _save_checkpoint(engine, batches, state, base_rejects, base_captions, rank, world)
@@ -350,8 +358,9 @@ def _caption_metrics(base: Counter, mine: Counter) -> dict[str, float]:
     }
 
 
-def _log_samples(cfg, model, image_tok, text_tok, layout, tracker, step, device, amp) -> None:
-    """Every rank samples the same prompts (the same forwards, so ZeRO-3's gathers match); rank 0 logs the grid."""
+def _log_samples(cfg, model, quantizer, image_tok, text_tok, layout, tracker, step, device, amp) -> None:
+    """Every rank samples the same prompts (the same forwards, so ZeRO-3's gathers match); rank 0 decodes them with
+    the whole image tokenizer (`image_tok`, None on the other ranks) and logs the grid."""
     import contextlib
 
     import torch
@@ -364,7 +373,7 @@ def _log_samples(cfg, model, image_tok, text_tok, layout, tracker, step, device,
     was_training = model.training
     model.eval()
     ids, valid = layout.encode_prompts(text_tok, cfg.sample_prompts)
-    sampler = T2ISampler(model, image_tok.model.quantizer, layout)
+    sampler = T2ISampler(model, quantizer, layout)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with autocast:
         tokens = sampler.sample(

@@ -12,7 +12,6 @@ A saved tokenizer is a directory (local or any fsspec URI such as s3://) holding
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -20,18 +19,15 @@ from collections.abc import Sequence
 import fsspec
 import torch
 from PIL import Image
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from tokenflow.codes import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, check_indices, fingerprint_of, read_saved
+from tokenflow.codes import join as _join
 from tokenflow.config import TokenizerConfig, preset
 from tokenflow.encoders.semantic import SemanticTeacher
 from tokenflow.image import Preprocess, to_tensor
 from tokenflow.models import TokenFlowModel, TokenizerOutput, UniTokModel
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
 
 
 class Tokenizer(nn.Module):
@@ -66,14 +62,8 @@ class Tokenizer(nn.Module):
         """Load a directory written by `save_pretrained` (local path or fsspec URI; `storage_options` go to the
         filesystem, e.g. {"endpoint_url": ...} for an S3-compatible store). Fails, naming every offending
         tensor, when the weights do not match the config exactly."""
-        path, opts = os.fspath(path), storage_options or {}
-        with fsspec.open(_join(path, CONFIG_NAME), "r", **opts) as fh:
-            data = json.load(fh)
-        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer tokenflow (format {data['format_version']})")
-        config = TokenizerConfig.from_dict(data["config"])
-        with fsspec.open(_join(path, WEIGHTS_NAME), "rb", **opts) as fh:
-            state = load_safetensors(fh.read())
+        path = os.fspath(path)
+        config, state = read_saved(path, storage_options)
         with torch.device("meta"):  # no random init and no download: every weight comes from the file
             tok = cls(config, pretrained=None)
         check_state_dict(tok.state_dict(), state, source=_join(path, WEIGHTS_NAME))
@@ -101,12 +91,7 @@ class Tokenizer(nn.Module):
     def fingerprint(self) -> str:
         """A short id of this exact tokenizer: sha256 over its config and every weight (names, dtypes, shapes,
         bytes). Token shards record it so consumers can check they decode with the tokenizer that made them."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()[:16]
+        return fingerprint_of(self.config, self.state_dict())
 
     def make_teacher(self) -> SemanticTeacher:
         """The frozen semantic teacher for training, from the pretrained weights named in the config (a random
@@ -182,25 +167,13 @@ class Tokenizer(nn.Module):
             raise ValueError(f"expected pixels of shape (B, 3, {s}, {s}), got {tuple(pixels.shape)}")
 
     def _check_indices(self, indices: Tensor) -> Tensor:
-        want = 2 if self.num_codebooks == 1 else 3
-        if indices.ndim != want or (want == 3 and indices.shape[-1] != self.num_codebooks):
-            layout = "(B, T)" if want == 2 else f"(B, T, {self.num_codebooks})"
-            raise ValueError(f"expected indices of shape {layout}, got {tuple(indices.shape)}")
-        if indices.is_floating_point():
-            raise TypeError("indices must be an integer tensor")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
-            raise ValueError(f"indices out of range [0, {self.codebook_size})")
-        return indices.to(self.device, torch.long)
+        return check_indices(indices, self.config, self.device)
 
 
 def preprocess_of(config: TokenizerConfig) -> Preprocess:
     """The input convention of a tokenizer config (no weights needed)."""
     pp = config.preprocess
     return Preprocess(size=config.image_size, mode=pp.mode, resize_to=pp.resize_to, draft=pp.draft)
-
-
-def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name
 
 
 def _with_proj(encoder):
