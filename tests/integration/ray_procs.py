@@ -76,3 +76,39 @@ def stop_cluster(temp_dir: str) -> None:
         psutil.wait_procs(procs, timeout=5)
         time.sleep(1)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def train_workers(run_name: str) -> list:
+    """The Ray Train worker processes of run `run_name` on this machine: Ray Train moves each worker into the
+    run's working directory (`.../artifacts/<run name>`), so runs side by side are told apart."""
+    import psutil
+
+    workers = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])) and (
+                os.path.basename(p.cwd()) == run_name
+            ):
+                workers.append(p)
+        except (psutil.Error, OSError):
+            pass
+    return workers
+
+
+def kill_a_worker_after(run_dir: Path, checkpoint: str, running, timeout_s: float = 300) -> None:
+    """SIGKILL one training worker of the run in `run_dir` (storage_path/name) once its controller has
+    registered `checkpoint` (e.g. "step_00000004"); `running()` says whether the run is still going."""
+    import signal
+
+    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:
+        return snapshot.exists() and checkpoint in snapshot.read_text()
+
+    deadline = time.time() + timeout_s
+    while not registered() and time.time() < deadline and running():
+        time.sleep(0.1)
+    assert registered(), f"{checkpoint} was not registered in {snapshot}"
+    workers = train_workers(Path(run_dir).name)
+    assert len(workers) == 2, workers
+    os.kill(workers[1].info["pid"], signal.SIGKILL)

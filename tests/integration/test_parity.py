@@ -11,8 +11,6 @@ and model, on the CPU in fp32, and must reproduce them:
 
 from __future__ import annotations
 
-import argparse
-import gc
 import os
 
 import numpy as np
@@ -21,7 +19,6 @@ import torch
 
 from tests.parity.compare import compare_tokens
 from tests.parity.photos import photo
-from tokenflow import Tokenizer
 from tokenflow.convert import tokenizer_from_official
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "parity")
@@ -37,33 +34,16 @@ def official_state(preset: str, seed: int) -> dict[str, torch.Tensor]:
     return official_state_dict(preset, seed)
 
 
-def build_through_the_cli(state: dict[str, torch.Tensor], tmp_path) -> Tokenizer:
-    """The user's path: a training-style official .pt (with argparse args) -> jobs/convert_checkpoint.py ->
-    Tokenizer.from_pretrained."""
-    from jobs.convert_checkpoint import main
-
-    src, out = tmp_path / "official.pt", tmp_path / "converted"
-    args = argparse.Namespace(vq_model="TokenFlow", codebook_size=32768, enhanced_decoder=True)
-    torch.save({"model": state, "args": args, "steps": 0}, src)
-    state.clear()
-    gc.collect()
-    assert main(["--kind", "tokenflow", "--input", str(src), "--output", str(out)]) == 0
-    src.unlink()
-    return Tokenizer.from_pretrained(out)
-
-
 @pytest.mark.parametrize("preset", ["clipb_256", "siglip_384", "unitok"])
-def test_official_parity(preset, tmp_path):
+def test_official_parity(preset):
     path = os.path.join(FIXTURES, f"{preset}.npz")
     fx = np.load(path)
     assert str(fx["preset"]) == preset
     state = official_state(preset, int(fx["seed"]))
-    kind = "unitok" if preset == "unitok" else "tokenflow"
-    if preset == "clipb_256":
-        tok = build_through_the_cli(state, tmp_path)
-    else:
-        tok = tokenizer_from_official(kind, state)
-        del state
+    # (the same conversion through jobs/convert_checkpoint.py, from and to S3: tests/integration/test_s3.py; every
+    # key of the full-size layouts: tests/unit/test_convert.py)
+    tok = tokenizer_from_official("unitok" if preset == "unitok" else "tokenflow", state)
+    del state
     assert tok.config.image_size == {"clipb_256": 256, "siglip_384": 384, "unitok": 256}[preset]
 
     # siglip_384 compares the first two of the fixture's four photos (4,454 tokens): its 400 M-parameter tower takes

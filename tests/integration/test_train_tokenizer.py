@@ -3,18 +3,14 @@
 - a ZeRO-3 run trains on a folder corpus with a corrupt file, logs losses, codebook statistics, throughput,
   rejects, eval PSNR/SSIM and image artifacts to a real `mlflow server`, and exports a tokenizer that loads and
   pretokenizes;
-- a run stopped after a checkpoint, started again with the same command, then hit by a killed worker (replaced
-  by Ray Train, resumed from the last checkpoint) ends with exactly the weights of an uninterrupted run, all in
-  one MLflow run.
+- a run hit by a killed worker (replaced by Ray Train, resumed from the last checkpoint) ends with exactly the
+  weights of an uninterrupted run, all in one MLflow run.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +19,7 @@ from PIL import Image
 
 from pipelines.train_data import TrainDataConfig
 from pipelines.train_tokenizer import TrainTokenizerConfig, run
+from tests.integration.ray_procs import kill_a_worker_after
 from tokenflow.losses import LossConfig
 from tokenflow.train import OptimizerConfig, TrainConfig
 
@@ -176,33 +173,9 @@ def test_zero3_run_on_s3_tracks_in_mlflow_and_exports_a_tokenizer_that_pretokeni
     assert manifest["counts"]["kept"] == 13 and manifest["tokenizer_id"] == tok.fingerprint()
 
 
-def _train_workers() -> list:
-    import psutil
-
-    return [
-        p
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
-    ]
-
-
-def _kill_a_worker_after(run_dir, checkpoint: str, thread: threading.Thread) -> None:
-    """SIGKILL one training worker once the controller has registered `checkpoint`."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-
-    def registered() -> bool:
-        return snapshot.exists() and checkpoint in snapshot.read_text()
-
-    deadline = time.time() + 300
-    while not registered() and time.time() < deadline and thread.is_alive():
-        time.sleep(0.1)
-    assert registered(), f"{checkpoint} was not registered"
-    workers = _train_workers()
-    assert len(workers) == 2, workers
-    os.kill(workers[1].info["pid"], signal.SIGKILL)
-
-
-def test_stopped_and_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(ray_local, mlflow_server, tmp_path):
+def test_a_killed_worker_resumes_to_the_weights_of_an_uninterrupted_run(ray_local, mlflow_server, tmp_path):
+    """(Rerunning a stopped run's command resumes it through the same checkpoint code: the text-to-image job's test,
+    tests/integration/test_train_t2i.py.)"""
     from mlflow.tracking import MlflowClient
 
     # every sample is the same square image and the crop is the whole image: the data order cannot matter, so
@@ -210,31 +183,28 @@ def test_stopped_and_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(r
     corpus = _photos(tmp_path / "corpus", 16, identical=True)
     data = TrainDataConfig(input=[corpus], eval_fraction=0.0, eval_images=0, min_crop_frac=1.0, flip_prob=0.0)
     steps = 12
-    every = dict(checkpoint_every=4, image_every=4)  # checkpoints at 4 (the stop), 8 (the kill) and 12
-    half = dict(cpus_per_worker=0.5, **every)  # two runs side by side leave CPUs for their read tasks
-    straight = _config(tmp_path, corpus, "straight", max_steps=steps, data=data, **half)
-    kw = dict(data=data, mlflow_uri=mlflow_server, mlflow_experiment="train-resume", max_failures=1, **every)
-    # the uninterrupted run and the first part of the interrupted one are independent: side by side
+    # checkpoints at 4, 8 (after which a worker is killed) and 12; two runs side by side leave CPUs for read tasks
+    every = dict(checkpoint_every=4, image_every=4, cpus_per_worker=0.5)
+    straight = _config(tmp_path, corpus, "straight", max_steps=steps, data=data, **every)
+    resumed = _config(tmp_path, corpus, "resumed", max_steps=steps, data=data, mlflow_uri=mlflow_server,
+                      mlflow_experiment="train-resume", max_failures=1, **every)  # fmt: skip
     done: dict = {}
     side = threading.Thread(target=lambda: done.update(summary=run(straight)), daemon=True)
     side.start()
-    run(_config(tmp_path, corpus, "resumed", max_steps=4, **{**kw, "cpus_per_worker": 0.5}))  # stops after step 4
-    side.join(timeout=600)
-    assert "summary" in done, "the uninterrupted run did not complete"
-    # the same command with more steps resumes at step 4; a worker killed after step 8 resumes it again
     result: dict = {}
-    resumed = _config(tmp_path, corpus, "resumed", max_steps=steps, **kw)
     thread = threading.Thread(target=lambda: result.update(summary=run(resumed)), daemon=True)
     thread.start()
-    _kill_a_worker_after(tmp_path / "runs" / "resumed", "step_00000008", thread)
+    kill_a_worker_after(tmp_path / "runs" / "resumed", "step_00000008", thread.is_alive)
     thread.join(timeout=600)
+    side.join(timeout=600)
+    assert "summary" in done, "the uninterrupted run did not complete"
     assert "summary" in result, "the run did not complete after the worker was killed"
 
     a, b = _weights(straight.tokenizer_dir), _weights(resumed.tokenizer_dir)
     assert a.keys() == b.keys()
     assert all(a[k].equal(b[k]) for k in a), [k for k in a if not a[k].equal(b[k])][:5]
     state = json.loads((tmp_path / "runs" / "resumed" / f"step_{steps:08d}" / "state.json").read_text())
-    assert state["step"] == steps and state["restarts"] == 2
+    assert state["step"] == steps and state["restarts"] == 1
 
     client = MlflowClient(mlflow_server)
     (run_,) = client.search_runs([client.get_experiment_by_name("train-resume").experiment_id])  # one run
