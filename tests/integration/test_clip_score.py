@@ -1,5 +1,7 @@
 """The optional CLIP-score stage, alone and inside the pretokenize job (a tiny random CLIP saved to disk)."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,32 +83,36 @@ def test_scores_are_cosines_and_threshold_rejects(clip_cfg):
 
 
 def test_pipeline_records_scores_and_rejects_below_threshold(ray_local, clip_cfg, tmp_path):
-    out = tmp_path / "out"
-    cfg = PretokenizeConfig(
-        input=["samples/images"], output=str(out), tokenizer="preset:tiny", tokenizer_actors=1, clip=clip_cfg
-    )
-    run(cfg)
-    (shards_file,) = (out / "shards").glob("*.parquet")
-    kept = pq.read_table(shards_file).to_pylist()
-    assert len(kept) == 4 and all(r["clip_score"] is not None for r in kept)
-    # the job's scores are what the stage computes on the tokenizer-preprocessed square
+    """One pretokenize run with a threshold between the sample images' scores: the two below it are recorded
+    rejections, the two above are kept with the score the stage computes on the tokenizer-preprocessed square."""
     from pipelines.tokenize import load_tokenizer
 
     tok = load_tokenizer("preset:tiny")
     stage = ClipScoreStage(clip_cfg, image_size=64, device="cpu")
-    for r in kept:
-        square, _ = tok.preprocessor.load(f"samples/images/{r['key']}")
-        expected = stage.scores([np.asarray(square, np.uint8).tobytes()], [r["caption"]])[0]
-        assert r["clip_score"] == pytest.approx(float(expected), abs=1e-5)
-
-    ordered = sorted(r["clip_score"] for r in kept)
+    captions = {p.stem: p.read_text().strip() for p in Path("samples/images").glob("*.txt")}
+    expected = {}
+    for name, caption in captions.items():
+        (image,) = [p for p in Path("samples/images").glob(f"{name}.*") if p.suffix != ".txt"]
+        square, _ = tok.preprocessor.load(str(image))
+        expected[image.name] = float(stage.scores([np.asarray(square, np.uint8).tobytes()], [caption])[0])
+    assert len(expected) == 4
+    ordered = sorted(expected.values())
     cut = (ordered[1] + ordered[2]) / 2  # two below, two above, with a margin for batch-size rounding
-    cfg2 = PretokenizeConfig(
+    out = tmp_path / "out"
+    cfg = PretokenizeConfig(
         input=["samples/images"],
-        output=str(tmp_path / "out2"),
+        output=str(out),
         tokenizer="preset:tiny",
         tokenizer_actors=1,
         clip=ClipScoreConfig(**{**clip_cfg.__dict__, "threshold": cut}),
     )
-    manifest = run(cfg2)
+    manifest = run(cfg)
     assert manifest["counts"]["kept"] == 2 and manifest["counts"]["reasons"] == {"clip_score": 2}
+    (shards_file,) = (out / "shards").glob("*.parquet")
+    kept = pq.read_table(shards_file).to_pylist()
+    assert {r["key"] for r in kept} == {k for k, v in expected.items() if v > cut}
+    for r in kept:
+        assert r["clip_score"] == pytest.approx(expected[r["key"]], abs=1e-5)
+    rejects = pq.read_table(next((out / "rejects").glob("*.parquet"))).to_pylist()
+    assert {r["key"] for r in rejects} == {k for k, v in expected.items() if v < cut}
+    assert all(r["reason"] == "clip_score" and r["detail"].endswith(f"< {cut}") for r in rejects)
