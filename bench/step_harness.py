@@ -54,6 +54,10 @@ def wait_json(path: str, alive=lambda: None, poll: float = 0.01):
 def ray_worker(config: dict) -> None:
     """The Ray Train worker: a DeepSpeed `Runner` that runs the blocks the driver asks for, one at a time
     (config["dir"]/cmd-K.json -> res-K.json), so that its blocks interleave with the driver's own."""
+    if config["keep_buffers"]:
+        from pipelines.ray_train import keep_large_buffers
+
+        keep_large_buffers()
     runner = config["runner"]("deepspeed", config)
     write_json(os.path.join(config["dir"], "ready.json"), {"niceness": os.nice(0)})
     k = 0
@@ -82,6 +86,8 @@ class RaySide:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
+        from pipelines.ray_train import CPU_WORKER_ENV
+
         # the benchmark scripts are not an installed package: the worker gets this module and the script's
         # Runner by value (a script's own definitions live in __main__, which cloudpickle ships by value anyway)
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -97,7 +103,11 @@ class RaySide:
             ray_worker,
             train_loop_config={**config, "runner": runner, "dir": self.dir},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": threads}),
-            run_config=RunConfig(name="step_bench", storage_path=self.dir),
+            run_config=RunConfig(
+                name="step_bench",
+                storage_path=self.dir,
+                worker_runtime_env={"env_vars": CPU_WORKER_ENV} if config["keep_buffers"] else None,
+            ),
         )
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, daemon=True)
@@ -189,6 +199,10 @@ def measure(runner: type, config: dict, split: bool) -> tuple[dict, dict]:
     machine: the Ray worker's niceness, how busy the machine was before Ray and with the Ray cluster idle.
     config: models, warmup, steps, rounds, threads, worker_niceness, and whatever the Runner reads."""
     facts = {"busy_before": machine_busy(5.0)}
+    if config["keep_buffers"]:  # every side, as the training jobs' CPU workers do (worker_device)
+        from pipelines.ray_train import keep_large_buffers
+
+        keep_large_buffers()
     ray_side = RaySide(runner, config)  # first: Ray's start-up is not timed, and its environment stays Ray's own
     try:
         with process_group() if split else contextlib.nullcontext():
@@ -295,6 +309,12 @@ def parse_config(description: str, models: list[str], argv: list[str] | None, **
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on every side (all cores)")
     p.add_argument("--worker-niceness", type=int, help="nice value of the Ray workers (default: Ray's own, 15)")
     p.add_argument("--no-split", action="store_true", help="leave out DeepSpeed in this process (no Ray)")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: every side keeps freed large buffers, as the training jobs' "
+        "CPU workers do; pipelines.ray_train.keep_large_buffers)",
+    )
     args = p.parse_args(argv)
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(chosen) - set(models))
@@ -311,6 +331,7 @@ def parse_config(description: str, models: list[str], argv: list[str] | None, **
         "rounds": args.rounds,
         "threads": args.threads,
         "worker_niceness": args.worker_niceness,
+        "keep_buffers": not args.default_malloc,
     }
     return config, not args.no_split
 
@@ -319,7 +340,8 @@ def print_header(config: dict, what: str) -> None:
     print(f"# {date.today()}  {describe_machine(config['threads'])}")
     print(
         f"# micro-batch {config['micro_batch']}, ZeRO-{config['zero_stage']}, per side {config['warmup']} warm-up +"
-        f" {config['steps']} timed steps in {min(config['rounds'], config['steps'])} interleaved rounds; {what}",
+        f" {config['steps']} timed steps in {min(config['rounds'], config['steps'])} interleaved rounds; {what};"
+        f" malloc {'keeps freed large buffers' if config['keep_buffers'] else 'as glibc defaults'}",
         flush=True,
     )
 

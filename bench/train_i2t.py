@@ -463,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         print("## 2. Ray Train + DeepSpeed vs a plain PyTorch loop (features from token indices)")
         print(
             f"# ZeRO-{config['zero_stage']}, per side {config['warmup']} warm-up + {config['steps']} timed steps in"
-            f" {min(config['rounds'], config['steps'])} interleaved rounds",
+            f" {min(config['rounds'], config['steps'])} interleaved rounds; malloc"
+            f" {'keeps freed large buffers on every side' if config['keep_buffers'] else 'as glibc defaults'}",
             flush=True,
         )
         results, facts = step_harness.measure(Runner, config, split)
