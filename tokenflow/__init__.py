@@ -3,7 +3,7 @@
 The names below load on first use (PEP 562), so that light modules such as `tokenflow.llm.templates` or
 `tokenflow.config`, which Ray Data read tasks import in fresh processes, do not pull in open_clip and the models."""
 
-import importlib
+from tokenflow._lazy import lazy_exports
 
 _EXPORTS = {
     "Tokenizer": "tokenflow.tokenizer",
@@ -22,13 +22,4 @@ __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tokenflow' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports("tokenflow", _EXPORTS, globals())

@@ -7,7 +7,7 @@ The names below load on first use (PEP 562): the LLM jobs import `tokenflow.trai
 `tokenflow.train.deepspeed` without pulling in the tokenizer's models and open_clip (`stages`, `step`).
 """
 
-import importlib
+from tokenflow._lazy import lazy_exports
 
 _EXPORTS = {
     "OptimizerConfig": "tokenflow.train.config",
@@ -21,13 +21,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tokenflow.train' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports("tokenflow.train", _EXPORTS, globals())
