@@ -2,10 +2,10 @@
 
     driver (`run`)      the image tokenizer's id, the shards (checked against it), the text tokenizer (checked
                         against the template), the Ray Data stream of encoded conversations, TorchTrainer.fit()
-    each worker         the frozen image tokenizer (`Tokenizer.features` turns token indices into the 40-d features
-    (`train_loop`)      the model reads: no vision tower in the loop), the decoder (pretrained or new; under ZeRO-3
-                        built inside zero.Init), the projector (new, or from `projector_init`), one DeepSpeed engine,
-                        the latest checkpoint, then:
+    each worker         the image tokenizer's codebooks only (`CodeFeatures.features` turns token indices into the
+    (`train_loop`)      40-d features the model reads: no vision tower in memory or in the loop), the decoder
+                        (pretrained or new; under ZeRO-3 built inside zero.Init), the projector (new, or from
+                        `projector_init`), one DeepSpeed engine, the latest checkpoint, then:
                           grad_accum micro-batches per step (`I2TStep`), the loss normalised by the global count of
                             supervised tokens
                           every log_every steps: loss, token accuracy, lr, grad norm, tokens/s, samples by modality,

@@ -2,7 +2,8 @@
 
     driver (`run`)      the image tokenizer's id, the shards (every one checked against that id), the text
                         tokenizer, the Ray Data stream of captions and tokens, TorchTrainer.fit()
-    each worker         the frozen image tokenizer (its codebook builds the teacher-forcing inputs), the decoder
+    each worker         the image tokenizer's codebooks (they build the teacher-forcing inputs; rank 0 loads the
+                        whole tokenizer, to decode the sample grids), the decoder
     (`train_loop`)      (pretrained or from a config; under ZeRO-3 built inside zero.Init with the HF DeepSpeed
                         config kept alive), the T2I extensions, one DeepSpeed engine, the latest checkpoint, then:
                           grad_accum micro-batches per step, loss normalised by the global count of supervised
