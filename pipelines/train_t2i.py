@@ -207,7 +207,8 @@ def train_loop(config: dict) -> None:
             from tokenflow import Tokenizer
 
             image_tok = Tokenizer.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)
-            codes = CodeFeatures.of(image_tok.requires_grad_(False))
+            image_tok.requires_grad_(False)
+            codes = CodeFeatures.of(image_tok)
         else:
             image_tok = None
             codes = CodeFeatures.from_pretrained(cfg.tokenizer, storage_options=cfg.storage_options, device=device)

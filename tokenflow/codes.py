@@ -8,7 +8,8 @@ loaded without the encoders and decoders.
 The training workers of the LLMs hold this rather than the whole tokenizer: no vision tower or pixel decoder in
 memory (TokenFlow-XL's SigLIP tower alone is 0.4 B parameters) and no open_clip import. The fingerprint hashes the
 whole saved tokenizer, as `Tokenizer.fingerprint` does, so token shards are still checked against it.
-This module also reads the saved format (`read_saved`) and hashes it (`fingerprint_of`) for `Tokenizer`.
+This module also reads the saved format (`read_saved`), checks weights against a config (`check_state_dict`)
+and hashes them (`fingerprint_of`) for `Tokenizer`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,26 @@ def check_indices(indices: Tensor, config: TokenizerConfig, device: torch.device
     return indices.to(device, torch.long)
 
 
+def check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], *, source: str) -> None:
+    """Fail, naming every offending tensor, unless `found` has exactly the keys and shapes of `expected`."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(found))
+        if found[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append("shape mismatch: " + "; ".join(wrong))
+        if missing:
+            parts.append(f"missing: {missing}")
+        if unexpected:
+            parts.append(f"unexpected: {unexpected}")
+        raise ValueError(f"{source} does not match its config: " + " | ".join(parts))
+
+
 class CodeFeatures(nn.Module):
     """A tokenizer's quantizer with its config and fingerprint. Build it with `from_pretrained` or `of`."""
 
@@ -95,10 +116,7 @@ class CodeFeatures(nn.Module):
         with torch.device("meta"):
             quantizer = MultiScaleQuantizer(config.quantizer)
         expected = {QUANTIZER_PREFIX + k: v for k, v in quantizer.state_dict().items()}
-        if weights.keys() != expected.keys() or any(weights[k].shape != expected[k].shape for k in expected):
-            from tokenflow.tokenizer import check_state_dict  # names every offending tensor
-
-            check_state_dict(expected, weights, source=join(path, WEIGHTS_NAME))
+        check_state_dict(expected, weights, source=join(path, WEIGHTS_NAME))
         quantizer.load_state_dict({k[len(QUANTIZER_PREFIX) :]: v for k, v in weights.items()}, assign=True)
         return cls(config, quantizer.to(device).eval(), fingerprint)
 

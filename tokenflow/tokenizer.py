@@ -22,7 +22,15 @@ from PIL import Image
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from tokenflow.codes import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, check_indices, fingerprint_of, read_saved
+from tokenflow.codes import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    check_indices,
+    check_state_dict,
+    fingerprint_of,
+    read_saved,
+)
 from tokenflow.codes import join as _join
 from tokenflow.config import TokenizerConfig, preset
 from tokenflow.encoders.semantic import SemanticTeacher
@@ -186,23 +194,3 @@ def _with_proj(encoder):
         cfg = enc.cfg
         visual.proj = nn.Parameter(cfg.width**-0.5 * torch.randn(cfg.width, cfg.output_dim))
     return enc
-
-
-def check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], *, source: str) -> None:
-    """Fail, naming every offending tensor, unless `found` has exactly the keys and shapes of `expected`."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if found[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("shape mismatch: " + "; ".join(wrong))
-        if missing:
-            parts.append(f"missing: {missing}")
-        if unexpected:
-            parts.append(f"unexpected: {unexpected}")
-        raise ValueError(f"{source} does not match its config: " + " | ".join(parts))

@@ -77,7 +77,7 @@ def read_model_config(path: str | os.PathLike, *, storage_options: dict | None =
 
 def load_model(build, path: str | os.PathLike, *, device="cpu", storage_options: dict | None = None) -> nn.Module:
     """`build()` constructs the model (called on the meta device); its weights then come from `path`."""
-    from tokenflow.tokenizer import check_state_dict
+    from tokenflow.codes import check_state_dict
 
     path, opts = os.fspath(path), storage_options or {}
     with fsspec.open(path.rstrip("/") + "/" + WEIGHTS_NAME, "rb", **opts) as fh:

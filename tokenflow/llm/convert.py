@@ -165,7 +165,7 @@ def t2i_from_official(
     config: dict, state: dict[str, Tensor], scales: tuple[int, ...] | None = None, *, source: str = "checkpoint"
 ) -> T2IModel:
     """A `T2IModel` (fp32, CPU, eval) holding a released state dict; strict: missing/unexpected keys fail."""
-    from tokenflow.tokenizer import check_state_dict
+    from tokenflow.codes import check_state_dict
 
     cfg = t2i_config(config, state, scales)
     mapped = map_keys(state, cfg)
