@@ -20,9 +20,9 @@ import os
 
 import fsspec
 import torch
-from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
+from tokenflow import safetensors_io
 from tokenflow.config import TokenizerConfig
 from tokenflow.quantize import MultiScaleQuantizer
 
@@ -45,7 +45,7 @@ def read_saved(path: str, storage_options: dict | None = None) -> tuple[Tokenize
         raise ValueError(f"{path} was written by a newer tokenflow (format {data['format_version']})")
     config = TokenizerConfig.from_dict(data["config"])
     with fsspec.open(join(path, WEIGHTS_NAME), "rb", **opts) as fh:
-        state = load_safetensors(fh.read())
+        state = safetensors_io.read(fh)
     return config, state
 
 

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import fsspec
 import torch
 from PIL import Image
-from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from tokenflow import safetensors_io
 from tokenflow.codes import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -92,7 +92,7 @@ class Tokenizer(nn.Module):
             payload["provenance"] = provenance
         # weights first, config last: a directory with a config.json is complete
         with fs.open(_join(root, WEIGHTS_NAME), "wb") as fh:
-            fh.write(save_safetensors(state, metadata={"format": "pt", "tokenflow_format": str(FORMAT_VERSION)}))
+            safetensors_io.write(fh, state, metadata={"format": "pt", "tokenflow_format": str(FORMAT_VERSION)})
         with fs.open(_join(root, CONFIG_NAME), "w") as fh:
             json.dump(payload, fh, indent=2)
 

@@ -228,6 +228,27 @@ def test_a_shard_missing_from_the_index_and_the_vision_tower(tmp_path):
     assert model.projector[0].weight.shape == (64, 40)
 
 
+def test_a_bf16_release_stays_bf16_on_disk_and_loads_in_fp32(tmp_path):
+    """The release is bf16: the converted file keeps bf16 (half the bytes of fp32), and the returned model answers
+    as the model loaded from the directory (fp32, the same values), RoPE included."""
+    from tokenflow import safetensors_io
+
+    _, state = read_released(str(RELEASED))
+    half = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    returned = convert_i2t_checkpoint(str(released_copy(tmp_path / "src", half)), str(tmp_path / "out"))
+    with open(tmp_path / "out" / "model.safetensors", "rb") as fh:
+        dtypes = {t.dtype for t in safetensors_io.meta(fh).values()}
+    assert dtypes == {torch.bfloat16}
+    loaded = I2TModel.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert torch.equal(loaded.llm.lm_head.weight, half["lm_head.weight"].float())
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        a = returned.float().llm(input_ids=ids).logits
+        b = loaded.llm(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 class Payload:
     """An object whose unpickling would run code (creates a marker file)."""
 

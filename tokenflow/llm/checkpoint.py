@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import fsspec
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
+
+from tokenflow import safetensors_io
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT_VERSION = 1
@@ -55,7 +54,7 @@ def save_model(
         **(extra or {}),
     }
     with fs.open(root.rstrip("/") + "/" + WEIGHTS_NAME, "wb") as fh:
-        fh.write(save_safetensors(state, metadata={"format": "pt"}))
+        safetensors_io.write(fh, state, metadata={"format": "pt"})
     with fs.open(root.rstrip("/") + "/" + CONFIG_NAME, "w") as fh:
         json.dump(payload, fh, indent=2)
 
@@ -80,58 +79,38 @@ def load_model(build, path: str | os.PathLike, *, device="cpu", storage_options:
     from tokenflow.codes import check_state_dict
 
     path, opts = os.fspath(path), storage_options or {}
-    with fsspec.open(path.rstrip("/") + "/" + WEIGHTS_NAME, "rb", **opts) as fh:
-        state = load_safetensors(fh.read())
     with torch.device("meta"):  # no random init: every weight comes from the file
         model = build()
     expected = model.state_dict()
     if tied(model):
         expected.pop(TIED_HEAD, None)
-    check_state_dict(expected, state, source=path)
-    model.to_empty(device=device)
-    model.load_state_dict(state, strict=False)
+    with fsspec.open(path.rstrip("/") + "/" + WEIGHTS_NAME, "rb", **opts) as fh:
+        check_state_dict(expected, safetensors_io.meta(fh), source=path)  # before reading any weight
+        model.to_empty(device=device)
+        target = model.state_dict()
+        with torch.no_grad():  # one tensor at a time: a 14 B model is never held twice
+            for name, tensor in safetensors_io.tensors(fh):
+                target[name].copy_(tensor)
+    return restore_buffers(model, device)
+
+
+def restore_buffers(model: nn.Module, device="cpu") -> nn.Module:
+    """Once a model built on the meta device holds its weights: recompute the non-persistent RoPE buffers, tie a
+    tied head again, and set eval mode."""
     inner = model.llm.model
-    with torch.device(device):  # RoPE frequencies are a non-persistent buffer: compute them again
+    with torch.device(device):
         inner.rotary_emb = type(inner.rotary_emb)(config=inner.rotary_emb.config)
     if tied(model):
         model.llm.tie_weights()
     return model.eval()
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def read_weights(path: str | os.PathLike, prefix: str, *, storage_options: dict | None = None) -> dict:
     """The weights of a saved model whose names start with `prefix`, read by byte range (a projector from a 14 B
     model's file on S3 costs its own bytes, not the file's)."""
     path = os.fspath(path).rstrip("/") + "/" + WEIGHTS_NAME
-    out = {}
     with fsspec.open(path, "rb", **(storage_options or {})) as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
-        for name, info in header.items():
-            if name == "__metadata__" or not name.startswith(prefix):
-                continue
-            start, end = info["data_offsets"]
-            fh.seek(8 + size + start)
-            data = bytearray(fh.read(end - start))
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            out[name] = (
-                torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
-                if data
-                else torch.empty(info["shape"], dtype=dtype)
-            )
+        out = safetensors_io.read(fh, keep=lambda name: name.startswith(prefix))
     if not out:
         raise ValueError(f"{path} has no weights named {prefix}*")
     return out

@@ -16,6 +16,8 @@ The release is a Hugging Face directory: `config.json` (model_type `llava_llama`
 `image_token_start` / `image_token_end` (0-d buffers some saves carry) are checked against the layout and dropped,
 as the official loader drops them. The result uses the "unified" head (the released single vocabulary). Every
 key must map and every model tensor must be filled: otherwise the error lists what is missing and unexpected.
+The weights keep the release's dtype (bf16: 13.5 GB for the 7B model, not 27 GB in fp32), the model takes over the
+file's tensors, and the output is written one tensor at a time; `T2IModel.from_pretrained` loads it in fp32.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from collections.abc import Callable
 
 import fsspec
 import torch
-from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
+from tokenflow import safetensors_io
 from tokenflow.llm.t2i import T2IConfig, T2IModel
 
 # The text-to-image tokenizer of the release: TokenFlow-B clipb at 256 px (infer_interpolate), 9 scales.
@@ -89,7 +91,7 @@ def read_released(path: str, storage_options: dict | None = None) -> tuple[dict,
     if shards:
         for name in shards:
             with fs.open(_join(root, name), "rb") as fh:
-                state.update(load_safetensors(fh.read()))
+                state.update(safetensors_io.read(fh))
         return config, state
     bins = [n for n in names if re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", n)]
     if not bins:
@@ -153,7 +155,7 @@ def map_keys(state: dict[str, Tensor], config: T2IConfig) -> dict[str, Tensor]:
         if target is None:
             unmapped.append(key)
         else:
-            out[target] = state[key].detach().to(torch.float32).contiguous()
+            out[target] = state[key].detach().contiguous()
     if unmapped or bad:
         parts = [f"{len(unmapped)} tensor(s) with no mapping: {unmapped[:50]}"] if unmapped else []
         parts += [f"id buffers disagree with the layout: {bad}"] if bad else []
@@ -164,18 +166,19 @@ def map_keys(state: dict[str, Tensor], config: T2IConfig) -> dict[str, Tensor]:
 def t2i_from_official(
     config: dict, state: dict[str, Tensor], scales: tuple[int, ...] | None = None, *, source: str = "checkpoint"
 ) -> T2IModel:
-    """A `T2IModel` (fp32, CPU, eval) holding a released state dict; strict: missing/unexpected keys fail."""
+    """A `T2IModel` (CPU, eval) holding a released state dict's tensors in their own dtype (`from_pretrained` of
+    the written directory loads fp32); strict: missing/unexpected keys fail."""
     from tokenflow.codes import check_state_dict
+    from tokenflow.llm.checkpoint import restore_buffers
 
     cfg = t2i_config(config, state, scales)
     mapped = map_keys(state, cfg)
     with torch.device("meta"):
         model = T2IModel(cfg)
     check_state_dict(model.state_dict(), mapped, source=source)
-    model.to_empty(device="cpu")
-    model.load_state_dict(mapped, strict=True)
+    model.load_state_dict(mapped, strict=True, assign=True)  # the release's tensors, not copies
     model._rebuild_buffers("cpu")
-    return model.eval()
+    return restore_buffers(model)
 
 
 def convert_t2i_checkpoint(

@@ -28,8 +28,11 @@ pad: pad to a square with grey, then 384 px). Proven against the official code o
 released layout: tests/unit/test_convert_i2t.py with tests/fixtures/i2t_official/.
 
 What is not carried over, on purpose: `rope_scaling` (the official `LlavaQwenForCausalLM.__init__` sets it to None,
-so the released model runs plain RoPE whatever config.json says). The weights are written in fp32, as
-`convert_t2i_checkpoint` writes them.
+so the released model runs plain RoPE whatever config.json says).
+
+Memory: the weights keep the release's dtype (bf16: 30 GB for 14 B, not 59 GB in fp32), the model takes over the
+file's tensors instead of copying them, and the output is written one tensor at a time, so converting the release
+needs about one model's worth of memory. `I2TModel.from_pretrained` loads the directory in fp32.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import fsspec
 import torch
 from torch import Tensor
 
+from tokenflow.llm.checkpoint import restore_buffers
 from tokenflow.llm.convert import _join, read_released
 from tokenflow.llm.i2t import I2TConfig, I2TModel
 
@@ -132,8 +136,9 @@ def i2t_config(config: dict, state: dict[str, Tensor], *, image_tokens: int, tem
 
 
 def map_keys(state: dict[str, Tensor], expected: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], int]:
-    """(official names -> this project's, fp32; the number of dropped image-tokenizer tensors). `state` is
-    emptied as it goes (a 14 B release is not held twice). Fails listing missing, unexpected and misshapen keys."""
+    """(official names -> this project's, in the file's dtype; the number of dropped image-tokenizer tensors).
+    `state` is emptied as it goes (a 14 B release is not held twice). Fails listing missing, unexpected and
+    misshapen keys."""
     unexpected, dropped, out = [], 0, {}
     for key in sorted(state):
         if _DROPPED.fullmatch(key):
@@ -144,7 +149,7 @@ def map_keys(state: dict[str, Tensor], expected: dict[str, Tensor], source: str)
         if target is None or target not in expected:
             unexpected.append(key)
             continue
-        out[target] = state.pop(key).detach().to(torch.float32).contiguous()
+        out[target] = state.pop(key).detach().contiguous()
     missing = sorted(official_name(k) for k in expected if k not in out)
     wrong = [
         f"{official_name(k)}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
@@ -182,8 +187,8 @@ def i2t_from_official(
     template: str = "qwen_2_5",
     source: str = "checkpoint",
 ) -> tuple[I2TModel, int]:
-    """(`I2TModel` fp32, CPU, eval, holding the released weights; dropped image-tokenizer tensors). `state` is
-    consumed. Strict: missing, unexpected or misshapen keys fail, named."""
+    """(`I2TModel` on the CPU in eval mode, holding the released tensors in their own dtype; dropped image-tokenizer
+    tensors). `state` is consumed. Strict: missing, unexpected or misshapen keys fail, named."""
     cfg = i2t_config(config, state, image_tokens=image_tokens, template=template)
     with torch.device("meta"):  # no random init: every weight comes from the release
         model = I2TModel(cfg)
@@ -196,15 +201,12 @@ def i2t_from_official(
         expected.pop("llm.lm_head.weight")
         state.pop("lm_head.weight", None)
     mapped, dropped = map_keys(state, expected, source)
-    model.load_state_dict(mapped, strict=False, assign=True)
-    inner = model.llm.model  # RoPE frequencies are non-persistent buffers: computed from the config
-    inner.rotary_emb = type(inner.rotary_emb)(config=inner.rotary_emb.config)
-    if tied:
-        model.llm.tie_weights()
+    model.load_state_dict(mapped, strict=False, assign=True)  # the release's tensors, not copies
+    restore_buffers(model)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"{source}: no value for {left}")
-    return model.eval(), dropped
+    return model, dropped
 
 
 def convert_i2t_checkpoint(
