@@ -95,20 +95,29 @@ def train_workers(run_name: str) -> list:
     return workers
 
 
-def kill_a_worker_after(run_dir: Path, checkpoint: str, running, timeout_s: float = 300) -> None:
-    """SIGKILL one training worker of the run in `run_dir` (storage_path/name) once its controller has
-    registered `checkpoint` (e.g. "step_00000004"); `running()` says whether the run is still going."""
+def kill_a_worker_after(
+    run_dir, checkpoint: str, running, timeout_s: float = 300, storage_options: dict | None = None
+) -> None:
+    """SIGKILL one training worker of the run in `run_dir` (storage_path/name: a local path or an fsspec URI such as
+    s3://) once its controller has registered `checkpoint` (e.g. "step_00000004"); `running()` says whether the
+    run is still going."""
     import signal
 
-    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(run_dir), **(storage_options or {}))
+    snapshot = root.rstrip("/") + "/checkpoint_manager_snapshot.json"
 
     def registered() -> bool:
-        return snapshot.exists() and checkpoint in snapshot.read_text()
+        try:
+            return checkpoint in fs.cat_file(snapshot).decode()  # read each time: no cached listing
+        except FileNotFoundError:
+            return False
 
     deadline = time.time() + timeout_s
     while not registered() and time.time() < deadline and running():
-        time.sleep(0.1)
+        time.sleep(0.2)
     assert registered(), f"{checkpoint} was not registered in {snapshot}"
-    workers = train_workers(Path(run_dir).name)
+    workers = train_workers(root.rstrip("/").rsplit("/", 1)[-1])
     assert len(workers) == 2, workers
     os.kill(workers[1].info["pid"], signal.SIGKILL)
