@@ -75,7 +75,7 @@ def test_a_zero3_run_on_s3_hit_by_a_killed_worker_ends_as_an_uninterrupted_run_a
     s3_endpoint, ray_local, mlflow_server, tmp_path
 ):
     """Two ZeRO-3 runs of one config side by side: one uninterrupted (local storage), one with its checkpoints and
-    tokenizer on S3 (moto, 127.0.0.1) and a real MLflow server, whose worker is killed after the step-8
+    tokenizer on S3 (moto, 127.0.0.1) and a real MLflow server, whose worker is killed after the step-4
     checkpoint (Ray Train replaces it; the run resumes from that checkpoint). The resumed run ends with exactly the
     uninterrupted run's weights, all in one MLflow run with losses, codebook statistics, throughput, rejects, eval
     PSNR/SSIM and images, and exports a tokenizer that loads and pretokenizes.
@@ -97,9 +97,9 @@ def test_a_zero3_run_on_s3_hit_by_a_killed_worker_ends_as_an_uninterrupted_run_a
     data = TrainDataConfig(
         input=[corpus], eval_input=[held], eval_images=3, read_batch_rows=4, min_crop_frac=1.0, flip_prob=0.0
     )
-    steps = 12
-    # checkpoints, images and evaluations at 4, 8 (after which a worker is killed) and 12; two runs side by side
-    # leave CPUs for read tasks
+    steps = 8
+    # checkpoints, images and evaluations at 4 (after which a worker is killed) and 8; two runs side by side leave
+    # CPUs for read tasks
     every = dict(checkpoint_every=4, image_every=4, eval_every=4, cpus_per_worker=0.5, zero_stage=3)
     straight = _config(tmp_path, corpus, "straight", max_steps=steps, data=data, **every)
     storage = {"endpoint_url": s3_endpoint}
@@ -124,7 +124,7 @@ def test_a_zero3_run_on_s3_hit_by_a_killed_worker_ends_as_an_uninterrupted_run_a
     thread = threading.Thread(target=lambda: result.update(summary=run(resumed)), daemon=True)
     thread.start()
     kill_a_worker_after(
-        "s3://tokenflow-test/train-runs/resumed", "step_00000008", thread.is_alive, storage_options=storage
+        "s3://tokenflow-test/train-runs/resumed", "step_00000004", thread.is_alive, storage_options=storage
     )
     thread.join(timeout=600)
     side.join(timeout=600)
@@ -158,11 +158,11 @@ def test_a_zero3_run_on_s3_hit_by_a_killed_worker_ends_as_an_uninterrupted_run_a
     assert history("lr")[1] == pytest.approx(1e-3 / 3 * 2)  # warm-up: lr after the first optimiser step
     assert history("throughput/images_per_s")[steps] > 0
     assert history("data/samples_seen")[steps] == steps * 2 * 2
-    # 16 good images: at most 4 steps of 2 workers x 2 images per epoch; every epoch re-reads the corrupt file,
+    # 16 good images: at most 4 steps of 2 workers x 2 images per epoch; every epoch reads the corrupt file again,
     # counted across the restart
     epochs = history("data/epoch")
-    assert epochs[1] == 0 and epochs[steps] >= 2 and list(epochs.values()) == sorted(epochs.values())
-    assert 2 <= history("data/rejected")[steps] <= epochs[steps] + 2  # read-ahead may reach the next epoch
+    assert epochs[1] == 0 and epochs[steps] >= 1 and list(epochs.values()) == sorted(epochs.values())
+    assert 1 <= history("data/rejected")[steps] <= epochs[steps] + 2  # read-ahead may reach the next epoch
     assert history("data/rejected.decode_error")[steps] == history("data/rejected")[steps]
     for scale in (1, 2, 4, 6, 8):  # exact per-scale statistics over each window (a step) of 2 workers x 2 images
         usage, perplexity = history(f"codebook/usage/s{scale}"), history(f"codebook/perplexity/s{scale}")
@@ -172,14 +172,14 @@ def test_a_zero3_run_on_s3_hit_by_a_killed_worker_ends_as_an_uninterrupted_run_a
     assert history("codebook/dead/s1")[steps] >= 1024 - 4
     assert 0 < history("codebook/distance_semantic")[steps] and 0 < history("codebook/distance_pixel")[steps]
     psnr, ssim = history("eval/psnr"), history("eval/ssim")
-    assert sorted(psnr) == [4, 8, 12] and all(5 < v < 60 for v in psnr.values())
+    assert sorted(psnr) == [4, 8] and all(5 < v < 60 for v in psnr.values())
     assert all(-1 < v <= 1 for v in ssim.values()) and history("eval/images")[steps] == 3.0
 
     def artifacts(path):
         return sorted(a.path for a in client.list_artifacts(run_.info.run_id, path))
 
-    assert artifacts("train/reconstructions") == [f"train/reconstructions/step_{s:08d}.png" for s in (4, 8, 12)]
-    assert len(artifacts("codebook")) == 3 and len(artifacts("eval/reconstructions")) == 3
+    assert artifacts("train/reconstructions") == [f"train/reconstructions/step_{s:08d}.png" for s in (4, 8)]
+    assert len(artifacts("codebook")) == 2 and len(artifacts("eval/reconstructions")) == 2
     assert artifacts("tokenizer") == ["tokenizer/config.json", "tokenizer/model.safetensors"]
 
     tok = Tokenizer.from_pretrained(resumed.tokenizer_dir, storage_options=storage)
