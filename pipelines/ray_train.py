@@ -291,17 +291,31 @@ def warm_up(plan, epoch: int, open_stream, position: dict | None = None):
     large model; the first batch's wait otherwise comes after). Returns a function that waits for it and raises
     what it raised. `open_stream` must do no collective operation and draw from no global random stream: the
     main thread's DeepSpeed set-up and seeding run meanwhile."""
-    from concurrent.futures import ThreadPoolExecutor
-
     start_plan(plan, epoch, position)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="data-warm-up")
-    future = pool.submit(open_stream)
+    return in_background(open_stream, name="data-warm-up")
+
+
+def in_background(fn, *, name: str):
+    """Run `fn()` in a daemon thread; returns a function that waits for it and raises what it raised. A daemon: if
+    the caller fails before waiting (say, the model does not load), the process can still exit, whereas a pool's
+    thread would be joined at exit, and a stream read may block for as long as the cluster lives."""
+    import threading
+
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
 
     def wait() -> None:
-        try:
-            future.result()
-        finally:
-            pool.shutdown()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
 
     return wait
 
