@@ -390,3 +390,16 @@ def test_a_merge_across_a_boundary_is_split_the_same_way_at_inference(deepseek_c
     answer = tok.encode("\nA\nB", add_special_tokens=False)
     assert enc.input_ids == prompt + answer + stop_token_ids("qwen_2_5", tok)[:1] + tok.encode("\n")
     assert enc.labels == [IGNORE] * len(prompt) + enc.input_ids[len(prompt) :]
+
+
+def test_the_text_tokenizer_saved_with_a_model_reads_back_with_the_same_ids(deepseek_chatml, tmp_path):
+    """The jobs copy the text tokenizer into the model directory (`save_pretrained`); chat and lmms-eval load it
+    from there. It must give the ids it was trained with, added ChatML tokens, pad == eos and BOS included."""
+    deepseek_chatml.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["A ginger tabby cat.", "héllo wörld  123 4567 \n\t tabs", "日本語のテキスト"]
+    texts.append("<|im_start|>user\nhi<|im_end|>")
+    for text in texts:
+        assert again(text)["input_ids"] == deepseek_chatml(text)["input_ids"], text
+    assert len(again) == len(deepseek_chatml)
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (0, 1, 1)
