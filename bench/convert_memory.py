@@ -45,55 +45,29 @@ print(hwm(), base, time.perf_counter() - start)
 
 
 def write_release(path: str, hidden: int, layers: int, vocab: int, seed: int = 0) -> int:
-    """A bf16 release directory in the official layout; returns its weights' bytes."""
+    """A bf16 release directory in the official layout (tests/parity/i2t_layout.py) with these sizes; returns its
+    weights' bytes."""
     import torch
     from safetensors.torch import save_file
 
-    heads, kv_heads = hidden // 128, 2
-    inter = hidden * 8 // 3 // 128 * 128
+    sys.path.insert(0, ROOT)
+    from tests.parity.i2t_layout import RELEASED_14B, released_shapes
+
+    heads = hidden // 128
     config = {
-        "model_type": "llava_qwen",
+        **RELEASED_14B,
         "hidden_size": hidden,
-        "intermediate_size": inter,
+        "intermediate_size": hidden * 8 // 3 // 128 * 128,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
+        "num_key_value_heads": 2,
         "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1e6,
-        "use_sliding_window": False,
-        "tie_word_embeddings": False,
         "vocab_size": vocab,
-        "torch_dtype": "bfloat16",
-        "mm_hidden_size": 40,
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_vision_tower": "",
-        "mm_vision_vq_type": "TOKENFLOW",
-        "mm_patch_merge_type": "flat",
-        "mm_use_im_start_end": False,
-        "image_aspect_ratio": "pad",
+        "bos_token_id": 0,
+        "eos_token_id": 1,
     }
-    kv = kv_heads * 128
-    shapes = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "lm_head.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,),
-        "model.mm_projector.0.weight": (hidden, 40),
-        "model.mm_projector.0.bias": (hidden,),
-        "model.mm_projector.2.weight": (hidden, hidden),
-        "model.mm_projector.2.bias": (hidden,),
-    }
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        for name, rows in [("q", hidden), ("k", kv), ("v", kv)]:
-            shapes[f"{p}self_attn.{name}_proj.weight"] = (rows, hidden)
-            shapes[f"{p}self_attn.{name}_proj.bias"] = (rows,)
-        shapes[p + "self_attn.o_proj.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (hidden,)
     gen = torch.Generator().manual_seed(seed)
-    state = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    state = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in released_shapes(config).items()}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(config, fh)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.parity.i2t_layout import RELEASED_14B, released_shapes
 from tokenflow.llm.convert import read_released
 from tokenflow.llm.convert_i2t import convert_i2t_checkpoint, i2t_config, map_keys
 from tokenflow.llm.i2t import I2TModel
@@ -114,59 +115,10 @@ def test_the_project_template_builds_the_official_prompt(converted, official):
     assert ids == [i for i in want if i != IMAGE]
 
 
-# Qwen2.5-14B-Instruct's config.json fields with the LLaVA ones of the release (shared/reference/official-llm.md §3)
-RELEASED_14B = {
-    "architectures": ["LlavaQwenForCausalLM"],
-    "model_type": "llava_qwen",
-    "hidden_size": 5120,
-    "intermediate_size": 13824,
-    "num_hidden_layers": 48,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 32768,
-    "max_window_layers": 70,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "sliding_window": 131072,
-    "use_sliding_window": False,
-    "tie_word_embeddings": False,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-    "vocab_size": 152064,
-    "torch_dtype": "bfloat16",
-    "mm_hidden_size": 40,
-    "mm_projector_type": "mlp2x_gelu",
-    "mm_vision_tower": "",
-    "mm_vision_vq_type": "TOKENFLOW",
-    "mm_patch_merge_type": "flat",
-    "mm_vision_select_layer": -2,
-    "mm_use_im_start_end": False,
-    "image_aspect_ratio": "pad",
-    "tokenizer_model_max_length": 2048,
-}
-
-
 def test_full_size_released_layout_maps_exactly():
     """Every key of a 14 B release (on the meta device: no memory) maps onto the model built from its config."""
-    h, f, kv = 5120, 13824, 8 * 128
-    shapes = {
-        "model.embed_tokens.weight": (152064, h),
-        "lm_head.weight": (152064, h),
-        "model.norm.weight": (h,),
-        "model.mm_projector.0.weight": (h, 40),
-        "model.mm_projector.0.bias": (h,),
-        "model.mm_projector.2.weight": (h, h),
-        "model.mm_projector.2.bias": (h,),
-    }
-    for n in range(48):
-        p = f"model.layers.{n}."
-        for name, shape in [("q", (h, h)), ("k", (kv, h)), ("v", (kv, h))]:
-            shapes[f"{p}self_attn.{name}_proj.weight"] = shape
-            shapes[f"{p}self_attn.{name}_proj.bias"] = shape[:1]
-        shapes[p + "self_attn.o_proj.weight"] = (h, h)
-        shapes[p + "mlp.gate_proj.weight"] = shapes[p + "mlp.up_proj.weight"] = (f, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, f)
-        shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (h,)
+    h = RELEASED_14B["hidden_size"]
+    shapes = released_shapes(RELEASED_14B)
     state = {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in shapes.items()}
     assert len(state) == 7 + 12 * 48
     cfg = i2t_config(RELEASED_14B, state, image_tokens=729, template="qwen_2_5")
