@@ -1,15 +1,19 @@
 """What the two LLM training jobs (`train_t2i`, `train_i2t`) share beyond the Ray Train plumbing of `ray_train`:
 the text tokenizer, the image tokenizer's identity, the decoder (pretrained or new, ZeRO-3 aware), optimiser
-groups, and the export of the final model (weights gathered one tensor at a time, the text tokenizer's files
-beside them).
+groups, the export of the final model (weights gathered one tensor at a time, the text tokenizer's files beside
+them), and the worker loop's common steps: the engine, restore or seed, the MLflow run, the epoch turn, and the
+checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from dataclasses import replace
+
+log = logging.getLogger("llm_train")
 
 
 def text_tokenizer_dir(text_tokenizer: str | None, llm: str | None) -> str:
@@ -168,3 +172,114 @@ def reduce_sums(window: dict) -> dict:
         pooled[k] = flat[i : i + n]
         i += n
     return pooled
+
+
+# ---- the worker loop's shared steps (each job's `train_loop` calls them in the same order) ---------------------
+
+
+def llm_ds_config(cfg, world: int) -> dict:
+    """The DeepSpeed config of an LLM job: its optimiser, ZeRO stage and batch sizes; fp32 weights and optimiser
+    states (bf16 compute comes from autocast)."""
+    from tokenflow.train.deepspeed import ds_config
+
+    return ds_config(
+        cfg.optimizer,
+        zero_stage=cfg.zero_stage,
+        micro_batch=cfg.micro_batch,
+        grad_accum=cfg.grad_accum,
+        world_size=world,
+        bf16=False,
+    )
+
+
+def make_engine(model, cfg, groups: list[dict], ds_config: dict):
+    """`deepspeed.initialize` with the job's optimiser (its warm-up and decay as a LambdaLR over `cfg.max_steps`)."""
+    import deepspeed
+    import torch
+
+    from tokenflow.train.engine import lr_factor
+
+    optimizer = cfg.optimizer
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, optimizer, cfg.max_steps))
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, lr_scheduler=schedule)
+    return engine
+
+
+def restore_or_seed(engine, checkpoint_dir: str | None, state: dict, seed: int, rank: int) -> None:
+    """From a checkpoint: the engine (weights, optimiser, schedule) and this rank's random streams; otherwise seed
+    this rank's torch stream with `seed + rank`."""
+    import torch
+
+    from pipelines.ray_train import restore_rng
+
+    if checkpoint_dir is not None:
+        engine.load_checkpoint(os.path.join(checkpoint_dir, "model"), tag="state")
+        restore_rng(checkpoint_dir, rank)
+        log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
+    else:
+        torch.manual_seed(seed + rank)
+
+
+def start_tracker(cfg, state: dict, rank: int, *, params: dict, tags: dict):
+    """Rank 0's MLflow run (the checkpoint's run continued on resume; its id kept in `state`), with the git commit,
+    the dataset, the image tokenizer, the LLM and the ZeRO stage as tags beside the job's own; a disabled tracker
+    on the other ranks."""
+    from pipelines.ray_train import git_commit
+    from pipelines.train_tracking import RunTracker
+
+    if rank != 0:
+        return RunTracker.disabled()
+    tracker = RunTracker.start(
+        cfg.mlflow_uri,
+        experiment=cfg.mlflow_experiment,
+        run_id=state["mlflow_run_id"],
+        run_name=cfg.name,
+        params=params,
+        tags={
+            "git_commit": git_commit(),
+            "dataset": ",".join(cfg.data.input),
+            **tags,
+            "image_tokenizer": cfg.tokenizer,
+            "llm": cfg.llm or "config",
+            "zero_stage": str(cfg.zero_stage),
+        },
+    )
+    state["mlflow_run_id"] = tracker.run_id
+    return tracker
+
+
+def next_step_data(batches, need: int, epoch: int, start_epoch, short: str) -> int:
+    """The epoch this step reads from: when some worker has fewer than `need` left, every worker starts the next
+    epoch (`start_epoch(epoch)`); if that still leaves one short, fail with `short` (what to change)."""
+    from pipelines.ray_train import all_have
+
+    if all_have(batches, need):
+        return epoch
+    epoch += 1
+    start_epoch(epoch)
+    if not all_have(batches, need):
+        raise RuntimeError(f"one epoch of the token shards gives some worker fewer than {short}")
+    return epoch
+
+
+def save_llm_checkpoint(engine, state: dict, position_key: str, position, counters: dict, rank: int, world: int):
+    """Every rank saves its engine shard (and RNG state); rank 0 adds `state` with each rank's data `position`
+    (gathered under `position_key`) and `counters` (name -> (count at the last restore, this run's own Counter)),
+    pooled over the ranks."""
+    import json
+
+    import torch.distributed as dist
+
+    from pipelines.ray_train import gather_counts, report_checkpoint
+
+    positions: list = [None] * world
+    dist.all_gather_object(positions, position)
+    pooled = {name: dict(base + gather_counts(mine)) for name, (base, mine) in counters.items()}
+    with report_checkpoint(rank, state["step"], {"step": state["step"], "epoch": state["epoch"]}) as tmp:
+        engine.save_checkpoint(os.path.join(tmp, "model"), tag="state")
+        if rank == 0:
+            with open(os.path.join(tmp, "state.json"), "w") as fh:
+                json.dump({**state, position_key: positions, **pooled}, fh)

@@ -30,7 +30,6 @@ would have.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -41,15 +40,11 @@ from dataclasses import dataclass, field
 from pipelines.i2t_data import I2TDataConfig
 from pipelines.ray_train import (
     RayTrainConfig,
-    all_have,
     counter_metrics,
     flat_params,
     gather_counts,
-    git_commit,
     latest_checkpoint,
     make_trainer,
-    report_checkpoint,
-    restore_rng,
     start_plan,
     warm_up,
     worker_device,
@@ -247,15 +242,18 @@ def train_loop(config: dict) -> None:
     device, amp = worker_device(cfg)  # before DeepSpeed's import: it picks its accelerator then
     import deepspeed
     import ray.train
-    import torch
 
     from pipelines.i2t_data import I2TBatches
-    from pipelines.llm_train import load_text_tokenizer, param_groups
-    from pipelines.train_tracking import RunTracker
+    from pipelines.llm_train import (
+        llm_ds_config,
+        load_text_tokenizer,
+        make_engine,
+        param_groups,
+        restore_or_seed,
+        start_tracker,
+    )
     from tokenflow.codes import CodeFeatures
     from tokenflow.llm.i2t_step import I2TStep
-    from tokenflow.train.deepspeed import ds_config as make_ds_config
-    from tokenflow.train.engine import lr_factor
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -285,29 +283,12 @@ def train_loop(config: dict) -> None:
         if codes.fingerprint() != info["id"]:
             raise RuntimeError(f"the image tokenizer at {cfg.tokenizer} changed while the job ran")
         text_tok = load_text_tokenizer(cfg.text_tokenizer, cfg.llm)
-        optimizer = cfg.optimizer
-        ds = make_ds_config(
-            optimizer,
-            zero_stage=cfg.zero_stage,
-            micro_batch=cfg.micro_batch,
-            grad_accum=cfg.grad_accum,
-            world_size=world,
-            bf16=False,  # fp32 weights and optimiser states; bf16 compute through autocast
-        )
+        ds = llm_ds_config(cfg, world)
         model = build_model(cfg, info, len(text_tok), ds)
         if cfg.projector_init:
             load_projector(model, cfg.projector_init, info, cfg.zero_stage == 3, cfg.storage_options)
         model.to(device)
-
-        def schedule(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, optimizer, cfg.max_steps))
-
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, optimizer.weight_decay),
-            config=ds,
-            lr_scheduler=schedule,
-        )
+        engine = make_engine(model, cfg, param_groups(model, cfg.optimizer.weight_decay), ds)
         step_fn = I2TStep(
             engine,
             codes.features,
@@ -317,34 +298,16 @@ def train_loop(config: dict) -> None:
             world_size=world,
             amp=amp,
         )
-        if checkpoint_dir is not None:
-            engine.load_checkpoint(os.path.join(checkpoint_dir, "model"), tag="state")
-            restore_rng(checkpoint_dir, rank)
-            log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
-        else:
-            torch.manual_seed(cfg.seed + rank)
+        restore_or_seed(engine, checkpoint_dir, state, cfg.seed, rank)
     data_ready()
 
-    tracker = RunTracker.disabled()
-    if rank == 0:
-        tracker = RunTracker.start(
-            cfg.mlflow_uri,
-            experiment=cfg.mlflow_experiment,
-            run_id=state["mlflow_run_id"],
-            run_name=cfg.name,
-            params={**flat_params(cfg), "optimizer.warmup_steps": str(optimizer.warmup_steps)},
-            tags={
-                "git_commit": git_commit(),
-                "dataset": ",".join(cfg.data.input),
-                "stage": cfg.stage,
-                "template": cfg.active.template,
-                "image_tokenizer": cfg.tokenizer,
-                "image_tokenizer_id": info["id"],
-                "llm": cfg.llm or "config",
-                "zero_stage": str(cfg.zero_stage),
-            },
-        )
-        state["mlflow_run_id"] = tracker.run_id
+    tracker = start_tracker(
+        cfg,
+        state,
+        rank,
+        params={**flat_params(cfg), "optimizer.warmup_steps": str(cfg.optimizer.warmup_steps)},
+        tags={"stage": cfg.stage, "template": cfg.active.template, "image_tokenizer_id": info["id"]},
+    )
 
     try:
         _train(cfg, config["plan"], engine, step_fn, batches, text_tok, state, tracker, device, amp)
@@ -360,6 +323,8 @@ def _train(cfg, plan, engine, step_fn, batches, text_tok, state, tracker, device
     import torch
     import torch.distributed as dist
 
+    from pipelines.llm_train import next_step_data, save_llm_checkpoint
+
     rank, world = dist.get_rank(), dist.get_world_size()
     base_rejects, base_samples = Counter(state.get("rejects", {})), Counter(state.get("samples", {}))
 
@@ -367,17 +332,13 @@ def _train(cfg, plan, engine, step_fn, batches, text_tok, state, tracker, device
         start_plan(plan, epoch)
         batches.start_epoch(epoch)
 
+    short = (
+        f"{cfg.grad_accum} micro-batches of {cfg.micro_batch}: add data, or lower micro_batch, grad_accum or workers"
+    )
     step, epoch = state["step"], state["epoch"]  # the stream of this epoch is open (`warm_up`)
     window, t0 = {}, time.time()
     while step < cfg.max_steps:
-        if not all_have(batches, cfg.grad_accum):
-            epoch += 1
-            start_epoch(epoch)
-            if not all_have(batches, cfg.grad_accum):
-                raise RuntimeError(
-                    f"one epoch of the token shards gives some worker fewer than {cfg.grad_accum} micro-batches of "
-                    f"{cfg.micro_batch}: add data, or lower micro_batch, grad_accum or workers"
-                )
+        epoch = next_step_data(batches, cfg.grad_accum, epoch, start_epoch, short)
         micro = [batches.take() for _ in range(cfg.grad_accum)]
         count = torch.tensor([float(sum(b["supervised"] for b in micro))])
         dist.all_reduce(count)
@@ -403,7 +364,8 @@ def _train(cfg, plan, engine, step_fn, batches, text_tok, state, tracker, device
             _log_conversations(cfg, engine.module, step_fn, micro[-1], text_tok, tracker, step, device, amp)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             state.update(step=step, epoch=epoch)
-            _save_checkpoint(engine, batches, state, base_rejects, base_samples, rank, world)
+            counters = {"rejects": (base_rejects, batches.rejects), "samples": (base_samples, batches.samples)}
+            save_llm_checkpoint(engine, state, "taken", batches.taken, counters, rank, world)
 
 
 def _reduce_window(window: dict, engine, elapsed: float) -> dict[str, float]:
@@ -466,22 +428,6 @@ def _log_conversations(cfg, model, step_fn, batch, text_tok, tracker, step, devi
     if tracker.enabled:
         body = "\n".join(f"=== worker {r}\n{e}" for r, e in enumerate(entries))
         tracker.text(body, f"conversations/step_{step:08d}.txt")
-
-
-def _save_checkpoint(engine, batches, state, base_rejects, base_samples, rank, world) -> None:
-    """Every rank saves its engine shard (and RNG state); rank 0 adds each rank's data position, the pooled counts
-    and the MLflow run id."""
-    import torch.distributed as dist
-
-    taken: list = [None] * world
-    dist.all_gather_object(taken, batches.taken)
-    rejects, samples = base_rejects + gather_counts(batches.rejects), base_samples + gather_counts(batches.samples)
-    with report_checkpoint(rank, state["step"], {"step": state["step"], "epoch": state["epoch"]}) as tmp:
-        engine.save_checkpoint(os.path.join(tmp, "model"), tag="state")
-        if rank == 0:
-            saved = {**state, "taken": taken, "rejects": dict(rejects), "samples": dict(samples)}
-            with open(os.path.join(tmp, "state.json"), "w") as fh:
-                json.dump(saved, fh)
 
 
 def _export(cfg, model, text_tok, info, state, tracker, rank) -> None:

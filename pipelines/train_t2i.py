@@ -23,7 +23,6 @@ resumed run trains on exactly the batches the uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -32,15 +31,11 @@ from dataclasses import dataclass, field
 
 from pipelines.ray_train import (
     RayTrainConfig,
-    all_have,
     counter_metrics,
     flat_params,
     gather_counts,
-    git_commit,
     latest_checkpoint,
     make_trainer,
-    report_checkpoint,
-    restore_rng,
     start_plan,
     warm_up,
     worker_device,
@@ -175,16 +170,12 @@ def train_loop(config: dict) -> None:
     device, amp = worker_device(cfg)  # before DeepSpeed's import: it picks its accelerator then
     import deepspeed
     import ray.train
-    import torch
 
-    from pipelines.llm_train import load_text_tokenizer
+    from pipelines.llm_train import llm_ds_config, load_text_tokenizer, make_engine, restore_or_seed, start_tracker
     from pipelines.t2i_data import T2IBatches
-    from pipelines.train_tracking import RunTracker
     from tokenflow.codes import CodeFeatures
     from tokenflow.llm.layout import T2ILayout
     from tokenflow.llm.t2i_step import T2IStep
-    from tokenflow.train.deepspeed import ds_config as make_ds_config
-    from tokenflow.train.engine import lr_factor
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -216,53 +207,15 @@ def train_loop(config: dict) -> None:
         if codes.fingerprint() != info["id"]:
             raise RuntimeError(f"the image tokenizer at {cfg.tokenizer} changed while the job ran")
         quantizer = codes.quantizer
-        ds = make_ds_config(
-            cfg.optimizer,
-            zero_stage=cfg.zero_stage,
-            micro_batch=cfg.micro_batch,
-            grad_accum=cfg.grad_accum,
-            world_size=world,
-            bf16=False,  # fp32 weights and optimiser states; bf16 compute through autocast
-        )
+        ds = llm_ds_config(cfg, world)
         model = build_model(cfg, info, len(text_tok), ds)
         model.to(device)
-
-        def schedule(optimizer):
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optimizer, cfg.max_steps))
-
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, cfg.optimizer.weight_decay),
-            config=ds,
-            lr_scheduler=schedule,
-        )
+        engine = make_engine(model, cfg, param_groups(model, cfg.optimizer.weight_decay), ds)
         step_fn = T2IStep(engine, quantizer, layout, grad_accum=cfg.grad_accum, world_size=world, amp=amp)
-        if checkpoint_dir is not None:
-            engine.load_checkpoint(os.path.join(checkpoint_dir, "model"), tag="state")
-            restore_rng(checkpoint_dir, rank)
-            log.info("rank %d resumed at step %d (epoch %d)", rank, state["step"], state["epoch"])
-        else:
-            torch.manual_seed(cfg.seed + rank)
+        restore_or_seed(engine, checkpoint_dir, state, cfg.seed, rank)
     data_ready()
 
-    tracker = RunTracker.disabled()
-    if rank == 0:
-        tracker = RunTracker.start(
-            cfg.mlflow_uri,
-            experiment=cfg.mlflow_experiment,
-            run_id=state["mlflow_run_id"],
-            run_name=cfg.name,
-            params=flat_params(cfg),
-            tags={
-                "git_commit": git_commit(),
-                "dataset": ",".join(cfg.data.input),
-                "image_tokenizer": cfg.tokenizer,
-                "image_tokenizer_id": info["id"],
-                "llm": cfg.llm or "config",
-                "zero_stage": str(cfg.zero_stage),
-            },
-        )
-        state["mlflow_run_id"] = tracker.run_id
+    tracker = start_tracker(cfg, state, rank, params=flat_params(cfg), tags={"image_tokenizer_id": info["id"]})
 
     try:
         _train(cfg, config["plan"], engine, step_fn, batches, image_tok, text_tok, layout, state, tracker, device, amp)
@@ -278,6 +231,7 @@ def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, sta
     import torch
     import torch.distributed as dist
 
+    from pipelines.llm_train import next_step_data, save_llm_checkpoint
     from tokenflow.llm.t2i_step import supervised_count
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -287,17 +241,12 @@ def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, sta
         start_plan(plan, epoch)
         batches.start_epoch(epoch)
 
+    need = cfg.micro_batch * cfg.grad_accum
+    short = f"{need} samples (micro_batch x grad_accum): add data, or lower micro_batch, grad_accum or workers"
     step, epoch = state["step"], state["epoch"]  # the stream of this epoch is open (`warm_up`)
     window, t0 = {}, time.time()
     while step < cfg.max_steps:
-        if not all_have(batches, cfg.micro_batch * cfg.grad_accum):
-            epoch += 1
-            start_epoch(epoch)
-            if not all_have(batches, cfg.micro_batch * cfg.grad_accum):
-                raise RuntimeError(
-                    f"one epoch of the token shards gives some worker fewer than {cfg.micro_batch * cfg.grad_accum} "
-                    "samples (micro_batch x grad_accum): add data, or lower micro_batch, grad_accum or workers"
-                )
+        epoch = next_step_data(batches, need, epoch, start_epoch, short)
         micro = []
         for _ in range(cfg.grad_accum):
             micro.append(batches.take())
@@ -322,7 +271,8 @@ def _train(cfg, plan, engine, step_fn, batches, image_tok, text_tok, layout, sta
             _log_samples(cfg, engine.module, step_fn.quantizer, image_tok, text_tok, layout, tracker, step, device, amp)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             state.update(step=step, epoch=epoch)
-            _save_checkpoint(engine, batches, state, base_rejects, base_captions, rank, world)
+            counters = {"rejects": (base_rejects, batches.rejects), "captions": (base_captions, batches.captions)}
+            save_llm_checkpoint(engine, state, "consumed", batches.consumed, counters, rank, world)
 
 
 def _reduce_window(window: dict, engine, elapsed: float) -> dict[str, float]:
@@ -388,22 +338,6 @@ def _log_samples(cfg, model, quantizer, image_tok, text_tok, layout, tracker, st
     if tracker.enabled:
         images = image_tok.decode(tokens).float().cpu()
         tracker.image(sample_grid(images, cfg.sample_prompts), f"samples/step_{step:08d}.png")
-
-
-def _save_checkpoint(engine, batches, state, base_rejects, base_captions, rank, world) -> None:
-    """Every rank saves its engine shard (and RNG state); rank 0 adds each rank's data position, the pooled counts
-    and the MLflow run id."""
-    import torch.distributed as dist
-
-    consumed: list = [None] * world
-    dist.all_gather_object(consumed, batches.consumed)
-    rejects, captions = base_rejects + gather_counts(batches.rejects), base_captions + gather_counts(batches.captions)
-    with report_checkpoint(rank, state["step"], {"step": state["step"], "epoch": state["epoch"]}) as tmp:
-        engine.save_checkpoint(os.path.join(tmp, "model"), tag="state")
-        if rank == 0:
-            saved = {**state, "consumed": consumed, "rejects": dict(rejects), "captions": dict(captions)}
-            with open(os.path.join(tmp, "state.json"), "w") as fh:
-                json.dump(saved, fh)
 
 
 def _export(cfg, model, text_tok, info, state, tracker, rank) -> None:
