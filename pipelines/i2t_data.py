@@ -41,9 +41,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
+from pipelines.read_tasks import read_shards
 from pipelines.sources import Shard
 from pipelines.t2i_data import _cached_tokenizer, check_tokenizer_id
 
@@ -198,20 +197,6 @@ def read_i2t_shard(i: int, spec: _ReadSpec) -> Iterator[pa.Table]:
         yield pa.Table.from_pylist(rows, schema=I2T_SCHEMA)
 
 
-class _I2TSource(Datasource):
-    def __init__(self, spec: _ReadSpec):
-        super().__init__()
-        self.spec = spec
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        fn = functools.partial(read_i2t_shard, spec=self.spec)
-        return [ReadTask(functools.partial(fn, i), meta, schema=I2T_SCHEMA) for i in range(len(self.spec.shards))]
-
-
 def i2t_dataset(
     cfg: I2TDataConfig,
     shards: list[Shard],
@@ -235,7 +220,8 @@ def i2t_dataset(
         image_tokens,
         codebook_size,
     )
-    return ray.data.read_datasource(_I2TSource(spec))
+    tasks = [functools.partial(read_i2t_shard, i, spec=spec) for i in range(len(shards))]
+    return read_shards(tasks, I2T_SCHEMA)
 
 
 # ---- the worker side --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The pretokenize pipeline: corpus shards -> filter -> tokenize -> token shards, on Ray Data.
 
-    read (one task per input shard, streamed in blocks)            CorpusDatasource, pipelines.sources.read_shard
+    read (one task per input shard, streamed in blocks)            pipelines.read_tasks, pipelines.sources.read_shard
          decode, validate, filter, resize + crop (in the read task)  pipelines.filters.filter_sample
       -> optional CLIP score (actor pool)                            pipelines.clip_score.ClipScoreStage
       -> tokenize (actor pool: one actor per GPU, or CPU actors)     pipelines.tokenize.TokenizeStage
@@ -25,12 +25,11 @@ from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import ray
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from pipelines.clip_score import ClipScoreConfig, ClipScoreStage
 from pipelines.dedup import DedupIndex, partition_of
 from pipelines.filters import FilterConfig, filter_sample
+from pipelines.read_tasks import read_shards
 from pipelines.sources import LLAVA_ENTRIES_PER_SHARD, Shard, expand_inputs, read_shard, resolve_directory
 from pipelines.tokenize import TokenizeStage, load_tokenizer, token_dtype
 from pipelines.writer import Claim, ShardWriter
@@ -191,32 +190,6 @@ def read_and_filter(shard: Shard, cfg: PretokenizeConfig, preprocess: Preprocess
     """A read task's work: one input shard read, decoded, validated and filtered (FILTERED_SCHEMA blocks)."""
     for table in read_shard_tables(shard, cfg):
         yield filter_batch(table, filters=cfg.filters, preprocess=preprocess)
-
-
-class CorpusDatasource(Datasource):
-    """Ray Data source with one read task per input shard, which reads, decodes and filters it in a stream of
-    blocks; the actor pools downstream only run models.
-
-    A read operator, not `map_batches` over a list of shards: Ray fuses consecutive map stages and bundles their
-    input up to the largest batch size among them, which would hand dozens of shards to one task; and decoding
-    in the read task keeps it off the tokenize actors, where it would run in series with the model."""
-
-    def __init__(self, shards: list[Shard], cfg: PretokenizeConfig, preprocess: Preprocess):
-        super().__init__()
-        self.shards, self.cfg, self.preprocess = shards, cfg, preprocess
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        return [
-            ReadTask(
-                functools.partial(read_and_filter, shard, self.cfg, self.preprocess),
-                BlockMetadata(num_rows=None, size_bytes=None, input_files=[shard.path], exec_stats=None),
-                schema=FILTERED_SCHEMA,
-            )
-            for shard in self.shards
-        ]
 
 
 def filter_batch(batch: pa.Table, *, filters: FilterConfig, preprocess: Preprocess) -> pa.Table:
@@ -406,7 +379,10 @@ def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Pre
         node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
         per_node = -(-actors // max(1, len(node_cpus)))
         threads = max(1, int(max(node_cpus, default=1)) // per_node)
-    ds = ray.data.read_datasource(CorpusDatasource(pending, cfg, preprocess))
+    # one read task per input shard, which reads, decodes and filters it in a stream of blocks (decoding there
+    # keeps it off the tokenize actors, where it would run in series with the model)
+    reads = [functools.partial(read_and_filter, shard, cfg, preprocess) for shard in pending]
+    ds = read_shards(reads, FILTERED_SCHEMA, input_files=[shard.path for shard in pending])
     if cfg.clip.enabled:
         ds = ds.map_batches(
             ClipScoreStage,

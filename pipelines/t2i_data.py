@@ -34,9 +34,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
+from pipelines.read_tasks import read_shards
 from pipelines.sources import Shard, expand_inputs
 
 # Read tasks import this module in fresh Ray worker processes: it imports neither torch nor the model code at the
@@ -215,20 +214,6 @@ def _row(spec: _ReadSpec, text_tokenizer, epoch: int, shard_id: str, key: str, c
     return {**out, "caption_ids": ids, "tokens": list(tokens), "truncated": truncated, "dropped": dropped}
 
 
-class _T2ISource(Datasource):
-    def __init__(self, spec: _ReadSpec):
-        super().__init__()
-        self.spec = spec
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        fn = functools.partial(read_t2i_shard, spec=self.spec)
-        return [ReadTask(functools.partial(fn, i), meta, schema=T2I_SCHEMA) for i in range(len(self.spec.shards))]
-
-
 def t2i_dataset(
     cfg: T2IDataConfig,
     shards: list[Shard],
@@ -240,7 +225,8 @@ def t2i_dataset(
     codebook_size: int,
 ):
     spec = _ReadSpec(shards, cfg, plan, ray.put(text_tokenizer), tokenizer_id, tokens_per_image, codebook_size)
-    return ray.data.read_datasource(_T2ISource(spec))
+    tasks = [functools.partial(read_t2i_shard, i, spec=spec) for i in range(len(shards))]
+    return read_shards(tasks, T2I_SCHEMA)
 
 
 # ---- the worker side --------------------------------------------------------------------------------------------

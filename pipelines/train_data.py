@@ -33,10 +33,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from pipelines.filters import FilterConfig, filter_sample
+from pipelines.read_tasks import read_shards
 from pipelines.sources import Shard, read_shard
 from tokenflow.image import Preprocess, load_image, open_image, oriented_size, random_crop, random_flip
 
@@ -216,24 +215,10 @@ def _row(key, shard_id, epoch, *, end_of_shard=-1, reason=None, detail=None, pix
     }
 
 
-class _TrainSource(Datasource):
-    """One read task per shard slot; the plan maps slots to shards each epoch."""
-
-    def __init__(self, shards: list[Shard], cfg: TrainDataConfig, size: int, plan):
-        super().__init__()
-        self.shards, self.cfg, self.size, self.plan = shards, cfg, size, plan
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        fn = functools.partial(read_train_shard, shards=self.shards, cfg=self.cfg, size=self.size, plan=self.plan)
-        return [ReadTask(functools.partial(fn, i), meta, schema=TRAIN_SCHEMA) for i in range(len(self.shards))]
-
-
 def train_dataset(cfg: TrainDataConfig, shards: list[Shard], image_size: int, plan):
-    return ray.data.read_datasource(_TrainSource(shards, cfg, image_size, plan))
+    """One read task per shard slot; the plan maps slots to shards each epoch."""
+    read = functools.partial(read_train_shard, shards=shards, cfg=cfg, size=image_size, plan=plan)
+    return read_shards([functools.partial(read, i) for i in range(len(shards))], TRAIN_SCHEMA)
 
 
 # ---- evaluation images ------------------------------------------------------------------------------------------
@@ -257,25 +242,9 @@ def read_eval_shard(shard: Shard, cfg: TrainDataConfig, preprocess: Preprocess) 
         yield pa.Table.from_pylist(rows, schema=TRAIN_SCHEMA)
 
 
-class _EvalSource(Datasource):
-    def __init__(self, shards: list[Shard], cfg: TrainDataConfig, preprocess: Preprocess):
-        super().__init__()
-        self.shards, self.cfg, self.preprocess = shards, cfg, preprocess
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return [
-            ReadTask(functools.partial(read_eval_shard, s, self.cfg, self.preprocess), meta, schema=TRAIN_SCHEMA)
-            for s in self.shards
-        ]
-
-
 def eval_dataset(cfg: TrainDataConfig, shards: list[Shard], preprocess: Preprocess):
     """Up to eval_images held-out images (deterministic set: the first ones in shard order)."""
-    ds = ray.data.read_datasource(_EvalSource(shards, cfg, preprocess))
+    ds = read_shards([functools.partial(read_eval_shard, s, cfg, preprocess) for s in shards], TRAIN_SCHEMA)
     return ds.limit(cfg.eval_images)
 
 
