@@ -34,6 +34,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
 
 
 def write(fh: BinaryIO, state: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -62,8 +63,14 @@ def write(fh: BinaryIO, state: dict[str, Tensor], metadata: dict[str, str] | Non
 def read_header(fh: BinaryIO) -> tuple[int, dict]:
     """(where the data starts, the header without `__metadata__`) of an open safetensors file."""
     fh.seek(0)
-    (size,) = struct.unpack("<Q", fh.read(8))
-    header = json.loads(fh.read(size))
+    head = fh.read(8)
+    (size,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+    if not 2 <= size <= MAX_HEADER:
+        raise ValueError(f"not a safetensors file: header length {size} (expected 2 to {MAX_HEADER} bytes)")
+    try:
+        header = json.loads(fh.read(size))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not a safetensors file: its header is not JSON ({e})") from e
     header.pop("__metadata__", None)
     for name, info in header.items():
         if info["dtype"] not in DTYPES:

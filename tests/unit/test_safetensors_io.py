@@ -72,10 +72,16 @@ def test_round_trip_through_an_fsspec_file(tmp_path):
         _same(safetensors_io.read(fh), state)
 
 
-def test_a_truncated_file_and_an_unsupported_dtype_are_errors(tmp_path):
+def test_a_truncated_file_another_format_and_an_unsupported_dtype_are_errors(tmp_path):
     buf = io.BytesIO()
     safetensors_io.write(buf, {"w": torch.ones(100)})
     with pytest.raises(ValueError, match="w: the file ends inside the tensor's data"):
         safetensors_io.read(io.BytesIO(buf.getvalue()[:-4]))
+    with pytest.raises(ValueError, match="not a safetensors file: header length"):
+        safetensors_io.read(io.BytesIO(b"\x80\x02PK not safetensors"))  # e.g. a pickle
+    with pytest.raises(ValueError, match="not a safetensors file: header length 0"):
+        safetensors_io.read(io.BytesIO(b""))
+    with pytest.raises(ValueError, match="its header is not JSON"):
+        safetensors_io.read(io.BytesIO(struct.pack("<Q", 4) + b"{{{{"))
     with pytest.raises(TypeError, match="z: dtype torch.complex64 cannot be stored"):
         safetensors_io.write(io.BytesIO(), {"z": torch.zeros(2, dtype=torch.complex64)})
