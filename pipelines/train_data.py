@@ -217,8 +217,11 @@ def _row(key, shard_id, epoch, *, end_of_shard=-1, reason=None, detail=None, pix
 
 def train_dataset(cfg: TrainDataConfig, shards: list[Shard], image_size: int, plan):
     """One read task per shard slot; the plan maps slots to shards each epoch."""
-    read = functools.partial(read_train_shard, shards=shards, cfg=cfg, size=image_size, plan=plan)
-    return read_shards([functools.partial(read, i) for i in range(len(shards))], TRAIN_SCHEMA)
+    tasks = [
+        functools.partial(read_train_shard, i, shards=shards, cfg=cfg, size=image_size, plan=plan)
+        for i in range(len(shards))
+    ]
+    return read_shards(tasks, TRAIN_SCHEMA)
 
 
 # ---- evaluation images ------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class Tokenizer(nn.Module):
         path, opts = os.fspath(path), storage_options or {}
         fs, root = fsspec.core.url_to_fs(path, **opts)
         fs.makedirs(root, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = self.state_dict()  # the writer moves one tensor at a time to the CPU
         payload = {"format_version": FORMAT_VERSION, "config": self.config.to_dict()}
         if provenance:
             payload["provenance"] = provenance

@@ -43,8 +43,8 @@ def save_model(
     path, opts = os.fspath(path), storage_options or {}
     fs, root = fsspec.core.url_to_fs(path, **opts)
     fs.makedirs(root, exist_ok=True)
-    source = model.state_dict() if state_dict is None else state_dict
-    state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
+    # the writer moves one tensor at a time to the CPU: a model on a GPU is never copied to host memory whole
+    state = dict(model.state_dict() if state_dict is None else state_dict)
     if tied(model):
         state.pop(TIED_HEAD, None)
     payload = {
