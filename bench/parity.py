@@ -10,7 +10,9 @@ CPU fp32. Printed:
   identical tokens from `Tokenizer.encode` end to end (its own preprocessing);
 - decoding: max abs difference between the official decoder and ours on the official tokens (raw, unclamped);
 - speed: encode of a batch of `--batch` images, official vs `Tokenizer.encode`, best of 3 after a warm-up,
-  same thread count, and the ratio official / ours.
+  same thread count, and the ratio official / ours;
+- the arithmetic bound: encode's matmul and convolution FLOPs over this machine's fp32 GEMM rate, the time no
+  implementation of the same arithmetic can beat, and so the largest speed-up over the official code possible.
 
 `--write-fixture PATH` saves the OFFICIAL outputs as the .npz that tests/integration/test_parity.py checks.
 
@@ -160,13 +162,47 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- speed -----------------------------------------------------------------------------------------------
     batch = pixels[torch.arange(args.batch) % len(names)].contiguous()
-    best = best_of({"official": lambda: adapter.official_encode(official, batch), "project": lambda: tok.encode(batch)})
+    gemm, gemm_flops = gemm_probe()
+    rounds = {"official": lambda: adapter.official_encode(official, batch), "project": lambda: tok.encode(batch)}
+    best = best_of({**rounds, "gemm": gemm})
     t_official, t_ours = best["official"], best["project"]
     print(
         f"encode batch of {args.batch} at {batch.shape[-1]} px, {args.threads} threads, best of 3: "
         f"official {t_official:.2f} s, project {t_ours:.2f} s, official/project {t_official / t_ours:.2f}x"
     )
+    flops, rate = encode_flops(tok, batch), gemm_flops / best["gemm"]
+    floor = flops / rate
+    print(
+        f"arithmetic bound: encode does {flops / 1e12:.3f} TFLOP of matmuls and convolutions; this machine's fp32 "
+        f"GEMM ran at {rate / 1e9:.0f} GFLOP/s in the same rounds, so no code doing the same arithmetic encodes this "
+        f"batch in under {floor:.2f} s (official at {floor / t_official:.0%} of that rate, project at "
+        f"{floor / t_ours:.0%}; the largest speed-up over the official possible without changing the arithmetic: "
+        f"{t_official / floor:.2f}x)"
+    )
     return 0
+
+
+def encode_flops(tok, batch: torch.Tensor) -> float:
+    """Floating-point operations of `tok.encode(batch)` in matmuls, convolutions and attention (torch's
+    FlopCounterMode); the element-wise work (norms, activations) comes on top, so this is a lower bound."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        tok.encode(batch)
+    return float(counter.get_total_flops())
+
+
+def gemm_probe(m: int = 2048, k: int = 1024, n: int = 4096, products: int = 16):
+    """(call, FLOPs per call): `products` fp32 matrix products of a ViT-L-like shape (2,048 tokens x 1,024 ->
+    4,096), the work that dominates encode, timed in the same rounds as the encodes (a shared machine's speed
+    drifts; a rate measured apart from them would not compare)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+
+    def call():
+        for _ in range(products):
+            a @ b
+
+    return call, 2.0 * m * k * n * products
 
 
 if __name__ == "__main__":
