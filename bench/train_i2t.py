@@ -338,7 +338,7 @@ class Runner:
 
             from pipelines.llm_train import param_groups
             from tokenflow.train.deepspeed import ds_config
-            from tokenflow.train.engine import lr_factor
+            from tokenflow.train.engine import lr_schedule
 
             ds = ds_config(
                 opt,
@@ -349,10 +349,7 @@ class Runner:
                 bf16=False,
             )
             i2t, _ = build_model(model, self.config, qcfg.scales, qcfg.code_dim, ds)
-
-            def schedule(optimizer):
-                return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opt, MAX_STEPS))
-
+            schedule = lr_schedule(opt, MAX_STEPS)
             groups = param_groups(i2t, opt.weight_decay)
             engine, *_ = deepspeed.initialize(model=i2t, model_parameters=groups, config=ds, lr_scheduler=schedule)
         else:

@@ -117,7 +117,7 @@ class Runner:
             import deepspeed
 
             from tokenflow.train.deepspeed import ds_config
-            from tokenflow.train.engine import lr_factor
+            from tokenflow.train.engine import lr_schedule
 
             ds = ds_config(
                 opt,
@@ -127,10 +127,7 @@ class Runner:
                 world_size=1,
                 bf16=False,
             )
-
-            def schedule(optimizer):
-                return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opt, 100_000))
-
+            schedule = lr_schedule(opt, 100_000)
             engine, *_ = deepspeed.initialize(model=t2i, model_parameters=groups, config=ds, lr_scheduler=schedule)
         else:
             engine = LocalEngine(t2i, opt, max_steps=100_000, param_groups=groups)

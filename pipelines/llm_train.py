@@ -195,15 +195,10 @@ def llm_ds_config(cfg, world: int) -> dict:
 def make_engine(model, cfg, groups: list[dict], ds_config: dict):
     """`deepspeed.initialize` with the job's optimiser (its warm-up and decay as a LambdaLR over `cfg.max_steps`)."""
     import deepspeed
-    import torch
 
-    from tokenflow.train.engine import lr_factor
+    from tokenflow.train.engine import lr_schedule
 
-    optimizer = cfg.optimizer
-
-    def schedule(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, optimizer, cfg.max_steps))
-
+    schedule = lr_schedule(cfg.optimizer, cfg.max_steps)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, lr_scheduler=schedule)
     return engine
 

@@ -14,6 +14,7 @@ _EXPORTS = {
     "TrainConfig": "tokenflow.train.config",
     "LocalEngine": "tokenflow.train.engine",
     "lr_factor": "tokenflow.train.engine",
+    "lr_schedule": "tokenflow.train.engine",
     "prepare_stage": "tokenflow.train.stages",
     "TrainStep": "tokenflow.train.step",
 }

@@ -17,7 +17,7 @@ from torch import nn
 
 from tokenflow.losses import TokenizerLoss
 from tokenflow.train.config import OptimizerConfig, TrainConfig
-from tokenflow.train.engine import lr_factor
+from tokenflow.train.engine import lr_schedule
 
 
 def ds_config(
@@ -93,10 +93,7 @@ def build_engines(
             bf16=bf16,
         )
         params = [p for p in module.parameters() if p.requires_grad]
-
-        def schedule(optimizer, opt=opt):
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opt, cfg.max_steps))
-
+        schedule = lr_schedule(opt, cfg.max_steps)
         engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config, lr_scheduler=schedule)
         if zero_stage == 3:
             for owner, param in zero3_external_params(module):

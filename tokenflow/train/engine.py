@@ -29,6 +29,16 @@ def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def lr_schedule(cfg: OptimizerConfig, max_steps: int):
+    """optimizer -> its `lr_factor` schedule (a LambdaLR): what `LocalEngine` builds, and what
+    `deepspeed.initialize(lr_scheduler=...)` takes."""
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
+
+    return schedule
+
+
 class LocalEngine:
     """Adam (or AdamW) over a module's trainable parameters with DeepSpeed's call/backward/step semantics."""
 
@@ -53,7 +63,7 @@ class LocalEngine:
             raise ValueError(f"{type(module).__name__} has no trainable parameters")
         adam = torch.optim.AdamW if cfg.decoupled_weight_decay else torch.optim.Adam
         self.optimizer = adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, max_steps))
+        self.scheduler = lr_schedule(cfg, max_steps)(self.optimizer)
         self.micro_steps = 0
         self.global_steps = 0
         self.grad_norm: float | None = None
