@@ -144,6 +144,28 @@ def test_tiny_shapes_and_the_official_token_layout(tiny):
     assert raw.shape == (2, 3, 64, 64)
 
 
+def test_inference_writes_activations_in_place_with_the_autograd_values(tiny):
+    """Without autograd the GELUs, the GeGLU product and the residual sums are written into fresh intermediates;
+    the values must be bit-identical to the autograd path's, and the caller's tensors untouched."""
+    tiny.eval()
+    m = tiny.model
+    torch.manual_seed(3)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x_before = x.clone()
+    with torch.enable_grad():
+        z_grad = m.encode_latent(x)
+        tokens = torch.randn(2, 64, m.decoder.norm.normalized_shape[0])
+        dec_grad = m.decoder(tokens)
+        proj_in = torch.randn(2, 64, 32)
+        proj_grad = m.post_quant_proj(proj_in)
+    tokens_before, proj_in_before = tokens.clone(), proj_in.clone()
+    with torch.no_grad():
+        assert torch.equal(m.encode_latent(x), z_grad)
+        assert torch.equal(m.decoder(tokens), dec_grad)
+        assert torch.equal(m.post_quant_proj(proj_in), proj_grad)
+    assert torch.equal(x, x_before) and torch.equal(tokens, tokens_before) and torch.equal(proj_in, proj_in_before)
+
+
 def test_tiny_training_forward_reaches_every_parameter(tiny):
     tiny.train()
     tiny.zero_grad()

@@ -28,6 +28,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU of a fresh tensor (a convolution's, a Linear's or a normalisation's output), in place when no gradient
+    is recorded: not allocating a second activation map saves its page faults and memory traffic with
+    bit-identical values (the same kernel writes the same numbers). With autograd on, GELU keeps its input."""
+    if torch.is_grad_enabled():
+        return F.gelu(x, approximate=approximate)
+    return torch.ops.aten.gelu_(x, approximate=approximate)
+
+
+def add_to(fresh: Tensor, other: Tensor) -> Tensor:
+    """`fresh + other`, written into `fresh` (an intermediate nothing else holds) when no gradient is recorded.
+    Floating-point addition commutes exactly, so the values are those of `other + fresh`."""
+    return fresh + other if torch.is_grad_enabled() else fresh.add_(other)
+
+
 def make_divisible(v: float, divisor: int = 8) -> int:
     """timm's `make_divisible` (round to the nearest multiple of 8, never more than 10% down): the MBConv
     expansion width, 4 x 160 = 640 and 4 x 320 = 1280 in ViTamin-L."""
@@ -63,7 +78,7 @@ class LayerNormGelu2d(LayerNorm2d):
     """timm `LayerNormAct2d` with act 'gelu': `LayerNorm2d` then exact GELU (the stem's and InvStem's `norm1`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(super().forward(x))
+        return gelu(super().forward(x))
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -117,9 +132,9 @@ class MbConvBlock(nn.Module):
         self.conv3_1x1 = nn.Conv2d(mid, cout, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.gelu(self.conv1_1x1(self.pre_norm(x)))
-        h = F.gelu(self.conv2_kxk(h))
-        return self.conv3_1x1(h) + self.shortcut(x)
+        h = gelu(self.conv1_1x1(self.pre_norm(x)))
+        h = gelu(self.conv2_kxk(h))
+        return add_to(self.conv3_1x1(h), self.shortcut(x))
 
 
 class StridedConv(nn.Module):
@@ -192,7 +207,8 @@ class GeGluMlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(x)
-        return self.w2(F.gelu(self.w0(x), approximate="tanh") * self.w1(x))
+        h = gelu(self.w0(x), approximate="tanh")
+        return self.w2(h * self.w1(x) if torch.is_grad_enabled() else h.mul_(self.w1(x)))
 
 
 class Attention(nn.Module):
@@ -228,8 +244,8 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = add_to(drop_path(self.attn(self.norm1(x)), self.drop_path, self.training), x)
+        return add_to(drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training), x)
 
 
 def make_blocks(depth: int, dim: int, heads: int, mlp_ratio: float, drop_path_rate: float) -> nn.ModuleList:
@@ -326,8 +342,8 @@ class AttnProjection(nn.Module):
         self.mlp = GeGluMlp(out_dim, int(out_dim * mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.proj(self.norm3(x)) + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = add_to(self.proj(self.norm3(x)), self.attn(self.norm1(x)))
+        return add_to(self.mlp(self.norm2(x)), x)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -371,9 +387,9 @@ class InvMbConvBlock(nn.Module):
         self.conv3_1x1 = nn.Conv2d(mid, cout, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.up(F.gelu(self.conv1_1x1(self.pre_norm(x))))
-        h = F.gelu(self.conv2_kxk(h))
-        return self.conv3_1x1(h) + self.shortcut(x)
+        h = self.up(gelu(self.conv1_1x1(self.pre_norm(x))))
+        h = gelu(self.conv2_kxk(h))
+        return add_to(self.conv3_1x1(h), self.shortcut(x))
 
 
 class InvStem(nn.Module):
