@@ -55,7 +55,7 @@ def ray_worker(config: dict) -> None:
     """The Ray Train worker: a DeepSpeed `Runner` that runs the blocks the driver asks for, one at a time
     (config["dir"]/cmd-K.json -> res-K.json), so that its blocks interleave with the driver's own."""
     if config["keep_buffers"]:
-        from pipelines.ray_train import keep_large_buffers
+        from pipelines.cpu_allocator import keep_large_buffers
 
         keep_large_buffers()
     runner = config["runner"]("deepspeed", config)
@@ -86,7 +86,7 @@ class RaySide:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from pipelines.ray_train import CPU_WORKER_ENV
+        from pipelines.cpu_allocator import CPU_WORKER_ENV
 
         # the benchmark scripts are not an installed package: the worker gets this module and the script's
         # Runner by value (a script's own definitions live in __main__, which cloudpickle ships by value anyway)
@@ -200,7 +200,7 @@ def measure(runner: type, config: dict, split: bool) -> tuple[dict, dict]:
     config: models, warmup, steps, rounds, threads, worker_niceness, and whatever the Runner reads."""
     facts = {"busy_before": machine_busy(5.0)}
     if config["keep_buffers"]:  # every side, as the training jobs' CPU workers do (worker_device)
-        from pipelines.ray_train import keep_large_buffers
+        from pipelines.cpu_allocator import keep_large_buffers
 
         keep_large_buffers()
     ray_side = RaySide(runner, config)  # first: Ray's start-up is not timed, and its environment stays Ray's own
@@ -313,7 +313,7 @@ def parse_config(description: str, models: list[str], argv: list[str] | None, **
         "--default-malloc",
         action="store_true",
         help="leave glibc's malloc as it is (default: every side keeps freed large buffers, as the training jobs' "
-        "CPU workers do; pipelines.ray_train.keep_large_buffers)",
+        "CPU workers do; pipelines.cpu_allocator.keep_large_buffers)",
     )
     args = p.parse_args(argv)
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]

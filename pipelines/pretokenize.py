@@ -27,6 +27,7 @@ import pyarrow as pa
 import ray
 
 from pipelines.clip_score import ClipScoreConfig, ClipScoreStage
+from pipelines.cpu_allocator import CPU_WORKER_ENV
 from pipelines.dedup import DedupIndex, partition_of
 from pipelines.filters import FilterConfig, filter_sample
 from pipelines.read_tasks import read_shards
@@ -360,6 +361,16 @@ def _placement(resources: dict[str, float]) -> dict:
     return {"resources": dict(resources)} if resources else {}
 
 
+def tokenize_actor_args(cfg: PretokenizeConfig, gpus_per_actor: float) -> dict:
+    """Ray remote args of a tokenize actor: its share of a GPU, one CPU, the custom resources that place it; a
+    CPU actor also runs with one malloc arena (`CPU_WORKER_ENV`: Ray calls the actor in a thread of its own, and
+    `TokenizeStage` keeps the model's freed buffers in that arena's heap)."""
+    args = {"num_gpus": gpus_per_actor, "num_cpus": 1, **_placement(cfg.tokenizer_resources)}
+    if not gpus_per_actor:
+        args["runtime_env"] = {"env_vars": dict(CPU_WORKER_ENV)}
+    return args
+
+
 def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Preprocess):
     cluster = ray.cluster_resources()
     cpus = int(cluster.get("CPU", 0))
@@ -407,9 +418,7 @@ def _build_dataset(cfg: PretokenizeConfig, pending: list[Shard], preprocess: Pre
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        num_gpus=gpus_per_actor,
-        num_cpus=1,
-        **_placement(cfg.tokenizer_resources),
+        **tokenize_actor_args(cfg, gpus_per_actor),
     )
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from pipelines.cpu_allocator import CPU_WORKER_ENV, keep_large_buffers
+
 
 @dataclass(kw_only=True)
 class RayTrainConfig:
@@ -160,32 +162,6 @@ def worker_device(cfg):
     if amp is not None and device.type != "cuda":
         raise ValueError("bf16 training needs GPUs (gpus_per_worker >= 1); use precision fp32 on CPU")
     return device, amp
-
-
-LARGE_BUFFERS = 1 << 30
-
-CPU_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
-"""The environment of CPU training workers: one malloc arena. Ray Train runs the training function in a thread of
-its own, and glibc gives such threads their own arenas (heaps of at most 64 MB each, trimmed eagerly). Measured on
-the understanding model's tiny step in a Ray Train worker (with `keep_large_buffers`): 754 ms per step without it,
-409 ms with it; in a plain process on the main thread the step was already at 379 ms."""
-
-
-def keep_large_buffers(limit: int = LARGE_BUFFERS) -> bool:
-    """Tell glibc's malloc to keep freed memory up to `limit` bytes in the heap rather than return it to the OS
-    (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), for CPU training, which allocates and frees activation- and
-    gradient-sized buffers in every step. Measured on the understanding model's mid step (bench/train_i2t.py, one
-    process): DeepSpeed ZeRO-2 from 2.20 to 1.79 s per step, the plain loop from 1.85 to 1.65 s. In a thread other
-    than the main one it needs `CPU_WORKER_ENV` too. The cost: the process keeps its peak heap. CUDA memory is
-    unaffected. False where the C library is not glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
-    except (OSError, AttributeError):
-        return False
 
 
 def rng_state() -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipelines.cpu_allocator import keep_large_buffers
 from tokenflow import Tokenizer
 from tokenflow.config import PRESETS
 
@@ -72,9 +73,13 @@ class TokenizeStage:
         if precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        if self.device.type == "cpu" and threads:
-            # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); a model-bound CPU stage wants the node's cores
-            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        if self.device.type == "cpu":
+            # the actor owns its process: keep the forward's freed activation buffers in the heap (with
+            # CPU_WORKER_ENV, which the job gives CPU tokenize actors; Ray calls the actor in a thread of its own)
+            keep_large_buffers()
+            if threads:
+                # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); a model-bound CPU stage wants the node's cores
+                torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         if self.device.type == "cuda" and not self.bf16:
             # fp32 on a GPU means fp32: cuDNN runs fp32 convolutions in TF32 by default (a 10-bit mantissa),
             # far coarser than the 1e-5 near-tie margin of token parity. The actor owns its process.

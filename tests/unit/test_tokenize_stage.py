@@ -19,6 +19,13 @@ def _jpeg(arr) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def _malloc_left_alone(monkeypatch):
+    """A CPU `TokenizeStage` sets glibc's thresholds for its whole process (an actor's own); not for pytest's
+    (tests/unit/test_cpu_allocator.py checks that the stage does it)."""
+    monkeypatch.setattr("pipelines.tokenize.keep_large_buffers", lambda: True)
+
+
 @pytest.fixture(scope="module")
 def batch():
     tok = load_tokenizer("preset:tiny")
