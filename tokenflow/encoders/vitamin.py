@@ -37,12 +37,6 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return torch.ops.aten.gelu_(x, approximate=approximate)
 
 
-def add_to(fresh: Tensor, other: Tensor) -> Tensor:
-    """`fresh + other`, written into `fresh` (an intermediate nothing else holds) when no gradient is recorded.
-    Floating-point addition commutes exactly, so the values are those of `other + fresh`."""
-    return fresh + other if torch.is_grad_enabled() else fresh.add_(other)
-
-
 def make_divisible(v: float, divisor: int = 8) -> int:
     """timm's `make_divisible` (round to the nearest multiple of 8, never more than 10% down): the MBConv
     expansion width, 4 x 160 = 640 and 4 x 320 = 1280 in ViTamin-L."""
@@ -134,7 +128,7 @@ class MbConvBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = gelu(self.conv1_1x1(self.pre_norm(x)))
         h = gelu(self.conv2_kxk(h))
-        return add_to(self.conv3_1x1(h), self.shortcut(x))
+        return self.conv3_1x1(h).add_(self.shortcut(x))  # a fresh conv output: autograd-safe, same values
 
 
 class StridedConv(nn.Module):
@@ -244,8 +238,10 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: Tensor) -> Tensor:
-        x = add_to(drop_path(self.attn(self.norm1(x)), self.drop_path, self.training), x)
-        return add_to(drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training), x)
+        # residuals added into the fresh branch output (a Linear's, or drop_path's scaled copy), never into x: no
+        # backward needs those outputs, and addition commutes exactly, so the values are those of x + branch
+        x = drop_path(self.attn(self.norm1(x)), self.drop_path, self.training).add_(x)
+        return drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training).add_(x)
 
 
 def make_blocks(depth: int, dim: int, heads: int, mlp_ratio: float, drop_path_rate: float) -> nn.ModuleList:
@@ -342,8 +338,8 @@ class AttnProjection(nn.Module):
         self.mlp = GeGluMlp(out_dim, int(out_dim * mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = add_to(self.proj(self.norm3(x)), self.attn(self.norm1(x)))
-        return add_to(self.mlp(self.norm2(x)), x)
+        x = self.proj(self.norm3(x)).add_(self.attn(self.norm1(x)))  # fresh Linear outputs, as in Block
+        return self.mlp(self.norm2(x)).add_(x)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -389,7 +385,7 @@ class InvMbConvBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(gelu(self.conv1_1x1(self.pre_norm(x))))
         h = gelu(self.conv2_kxk(h))
-        return add_to(self.conv3_1x1(h), self.shortcut(x))
+        return self.conv3_1x1(h).add_(self.shortcut(x))  # a fresh conv output: autograd-safe, same values
 
 
 class InvStem(nn.Module):
